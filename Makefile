@@ -1,0 +1,71 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when it is
+# missing and install what they need; nothing is installed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgeship-installed
+# Device-side code must run on Python 3.10 (JetPack 6): a second venv runs those tests there.
+VENV310 := .venv-py310
+STAMP310 := $(VENV310)/.edgeship-installed
+PYTHON310 ?= $(shell command -v python3.10 2>/dev/null || ls -d /root/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null | tail -1)
+PIP_QUIET := -q --disable-pip-version-check
+# One thread per test worker, no model hubs.
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+            OPENBLAS_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \
+            TF_CPP_MIN_LOG_LEVEL=2 HYPOTHESIS_PROFILE=ci
+
+.PHONY: demo test lint typecheck unit test310 install install310 mosquitto clean
+
+demo: install
+	$(TEST_ENV) $(PY) examples/demo.py
+
+test: install install310 mosquitto lint typecheck unit test310
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy -p edgeship
+
+unit: install mosquitto
+	$(TEST_ENV) $(VENV)/bin/pytest -n 2
+
+test310: install310
+	$(TEST_ENV) $(VENV310)/bin/pytest -m py310 -p no:cacheprovider -q
+
+install: $(STAMP)
+install310: $(STAMP310)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, from the CPU wheel: anything that pulls torch before would fetch a CUDA build.
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt torch==2.13.0
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[all,dev]'
+	touch $@
+
+$(STAMP310): pyproject.toml constraints-py310.txt
+	@if [ -z "$(PYTHON310)" ]; then \
+	  echo "python3.10 not found: install it to run the device-side tests on Python 3.10" >&2; exit 1; \
+	fi
+	[ -x $(VENV310)/bin/python ] || $(PYTHON310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(VENV310)/bin/python -m pip install $(PIP_QUIET) -c constraints-py310.txt -e '.[litert,ort,agent]' pytest hypothesis
+	touch $@
+
+# Tests start their own broker on a free port; they only need the binary.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "installing mosquitto (apt-get)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto; \
+	else \
+	  echo "mosquitto is missing and we are not root: run 'sudo apt-get install mosquitto', then retry" >&2; exit 1; \
+	fi
+
+clean:
+	rm -rf $(VENV) $(VENV310) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""The single place the edgeship version is written; pyproject.toml reads it from here."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""The one small hierarchy of errors edgeship raises.
+
+Every message is meant for a person: it says what is wrong and, where there is
+something to do, what to do. The CLI prints ``error: <message>`` and exits
+non-zero; the traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class EdgeshipError(Exception):
+    """Base of every error edgeship raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(EdgeshipError):
+    """The caller asked for something that cannot be done as asked (bad option, missing file)."""
+
+    exit_code = 2
+
+
+class KeyFileError(EdgeshipError):
+    """A signing or public key file is missing, unreadable, of the wrong type or wrongly protected."""
+
+
+class PackageError(EdgeshipError):
+    """A model package is unusable. Subclasses say why; nothing was installed or extracted."""
+
+    exit_code = 3
+
+
+class PackageFormatError(PackageError):
+    """The file is not a well-formed edgeship package (not a tar, truncated, wrong member order)."""
+
+
+class UnsafeMemberError(PackageError):
+    """A member could escape or abuse the destination: absolute path, ``..``, link, device, FIFO."""
+
+
+class SizeLimitError(PackageError):
+    """A member, the member count or the total expansion is over the configured cap."""
+
+
+class ManifestError(PackageError):
+    """``manifest.json`` is not valid JSON or does not match the manifest schema."""
+
+
+class SignatureError(PackageError):
+    """The manifest signature is missing, malformed or does not match the manifest bytes."""
+
+
+class UntrustedKeyError(SignatureError):
+    """The manifest is signed, but by none of the keys the caller trusts."""
+
+
+class IntegrityError(PackageError):
+    """A member's size or SHA-256 differs from the manifest, or a listed member is missing/extra."""
+
+
+class VersionRollbackError(PackageError):
+    """The package version is not newer than the version already installed."""
+
+
+class UnpackError(PackageError):
+    """Writing the unpacked files failed (destination exists, disk full, permissions)."""

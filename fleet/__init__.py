@@ -1,0 +1,1 @@
+"""edgeship.fleet: the fleet manager (registry, artifact store, TUF repository, rollouts)."""
