@@ -8,7 +8,8 @@ STAMP := $(VENV)/.edgeship-installed
 # Device-side code must run on Python 3.10 (JetPack 6): a second venv runs those tests there.
 VENV310 := .venv-py310
 STAMP310 := $(VENV310)/.edgeship-installed
-PYTHON310 ?= $(shell command -v python3.10 2>/dev/null || ls -d /root/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null | tail -1)
+PYTHON310 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python3.10 2>/dev/null) \
+               $$(command -v python3.10); do "$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
 PIP_QUIET := -q --disable-pip-version-check
 # One thread per test worker, no model hubs.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \

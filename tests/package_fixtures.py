@@ -76,7 +76,9 @@ def stranger() -> Publisher:
 def make_package(tmp_path: Path, publisher: Publisher) -> Callable[..., Path]:
     counter = iter(range(1_000_000))
 
-    def make(contents: dict[str, bytes] | None = None, key: Ed25519PrivateKey | None = None, **overrides: object) -> Path:
+    def make(
+        contents: dict[str, bytes] | None = None, key: Ed25519PrivateKey | None = None, **overrides: object
+    ) -> Path:
         out = tmp_path / f"pkg{next(counter)}.edgepkg"
         write_package(out, draft_manifest(**overrides), contents or sample_contents(), [key or publisher.key])
         return out

@@ -30,7 +30,13 @@ DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "boo
 def _validator() -> jsonschema.protocols.Validator:
     text = resources.files("edgeship.runtime.package").joinpath("manifest.schema.json").read_text("utf-8")
     schema = json.loads(text)
-    validator: jsonschema.protocols.Validator = jsonschema.Draft202012Validator(schema)
+    # JSON Schema counts 3.0 as an integer; a manifest must write integers without a
+    # fraction or exponent, so that every reader parses sizes and versions the same way.
+    strict_types = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=strict_types)
+    validator: jsonschema.protocols.Validator = strict(schema)
     return validator
 
 

@@ -39,7 +39,8 @@ Progress = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while members stream."""
 
 # What tarfile raises on malformed input, besides its own TarError.
-_PARSE_ERRORS = (tarfile.TarError, EOFError, ValueError, UnicodeError, OverflowError, IndexError)
+# OSError too: on Python 3.10 tarfile seeks to offset -1 on an archive of only zero blocks.
+_PARSE_ERRORS = (tarfile.TarError, EOFError, ValueError, UnicodeError, OverflowError, IndexError, OSError)
 
 
 def read_manifest(
@@ -185,7 +186,10 @@ def _read_head(
 ) -> VerifiedManifest:
     head: list[bytes] = []
     for expected, cap in ((MANIFEST_NAME, limits.max_manifest_bytes), (SIGNATURE_NAME, limits.max_signature_bytes)):
-        info = _next(tar)
+        try:
+            info = _next(tar)
+        except PackageFormatError as exc:
+            raise PackageFormatError(f"{path} is not an edgeship package: {exc}") from None
         if info is None or info.name != expected or not info.isreg():
             found = "the end of the archive" if info is None else repr(info.name)
             raise PackageFormatError(
