@@ -23,7 +23,7 @@ from edgeship.runtime.package import (
 from edgeship.runtime.package.reader import Progress as ProgressCallback
 
 app = typer.Typer(no_args_is_help=True)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 KeyOption = typer.Option(..., "--key", "-k", help="Trusted public key (PEM). Repeat for several keys.")
 
@@ -31,13 +31,15 @@ KeyOption = typer.Option(..., "--key", "-k", help="Trusted public key (PEM). Rep
 @contextmanager
 def _progress(label: str) -> Iterator[ProgressCallback]:
     """A byte progress bar on stderr that appears only once bytes start to flow."""
+    stderr = Console(stderr=True)
     bar = Progress(
         TextColumn(label),
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=stderr,
         transient=True,
+        disable=not stderr.is_terminal,
     )
     task = bar.add_task(label, total=None)
     started = False

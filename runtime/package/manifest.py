@@ -35,7 +35,7 @@ def _validator() -> jsonschema.protocols.Validator:
     strict_types = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
     )
-    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=strict_types)
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=strict_types)  # type: ignore[no-untyped-call]
     validator: jsonschema.protocols.Validator = strict(schema)
     return validator
 
