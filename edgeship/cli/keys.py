@@ -14,11 +14,16 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("generate")
 def generate(
-    out: Path = typer.Option(..., "--out", help="Directory to write NAME.key (private, mode 0600) and NAME.pub into."),
-    name: str = typer.Option("edgeship", "--name", help="File name stem of the key pair."),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Directory to write NAME.key (private, mode 0600) and NAME.pub into."
+    ),
+    name: str = typer.Option("edgeship", "--name", metavar="NAME", help="File name stem of the key pair."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Protect the private key with a passphrase (asked for)."),
     passphrase_file: Path | None = typer.Option(
-        None, "--passphrase-file", help="Read the passphrase from this file (first line) instead of asking."
+        None,
+        "--passphrase-file",
+        metavar="FILE",
+        help="Read the passphrase from this file (first line) instead of asking.",
     ),
 ) -> None:
     """Generate an ed25519 signing key pair (PKCS#8 private key, SubjectPublicKeyInfo public key)."""

@@ -25,7 +25,9 @@ from edgeship.runtime.package.reader import Progress as ProgressCallback
 app = typer.Typer(no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
 
-KeyOption = typer.Option(..., "--key", "-k", help="Trusted public key (PEM). Repeat for several keys.")
+KeyOption = typer.Option(
+    ..., "--key", "-k", metavar="KEY.pub", help="Trusted public key (PEM). Repeat for several keys."
+)
 
 
 @contextmanager
@@ -60,8 +62,10 @@ def _progress(label: str) -> Iterator[ProgressCallback]:
 
 @app.command("inspect")
 def inspect(
-    package: Path = typer.Argument(..., help="Package file (.edgepkg)."),
-    key: list[Path] = typer.Option([], "--key", "-k", help="Trusted public key; when given, the signature is checked."),
+    package: Path = typer.Argument(..., metavar="PACKAGE", help="Package file (.edgepkg)."),
+    key: list[Path] = typer.Option(
+        [], "--key", "-k", metavar="KEY.pub", help="Trusted public key; when given, the signature is checked."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Show a package's manifest. Reads only the manifest; use 'verify' to check every file."""
@@ -75,10 +79,10 @@ def inspect(
 
 @app.command("verify")
 def verify(
-    package: Path = typer.Argument(..., help="Package file (.edgepkg)."),
+    package: Path = typer.Argument(..., metavar="PACKAGE", help="Package file (.edgepkg)."),
     key: list[Path] = KeyOption,
     installed_version: int | None = typer.Option(
-        None, "--installed-version", help="Version already installed; the package must be newer."
+        None, "--installed-version", metavar="N", help="Version already installed; the package must be newer."
     ),
 ) -> None:
     """Check the signature, the manifest and the SHA-256 of every file. Exits non-zero on any problem."""
@@ -96,11 +100,13 @@ def verify(
 
 @app.command("unpack")
 def unpack(
-    package: Path = typer.Argument(..., help="Package file (.edgepkg)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Destination directory; must not exist or be empty."),
+    package: Path = typer.Argument(..., metavar="PACKAGE", help="Package file (.edgepkg)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="Destination directory; must not exist or be empty."
+    ),
     key: list[Path] = KeyOption,
     installed_version: int | None = typer.Option(
-        None, "--installed-version", help="Version already installed; the package must be newer."
+        None, "--installed-version", metavar="N", help="Version already installed; the package must be newer."
     ),
 ) -> None:
     """Verify a package and unpack it into a new directory, all or nothing."""
