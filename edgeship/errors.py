@@ -64,3 +64,19 @@ class VersionRollbackError(PackageError):
 
 class UnpackError(PackageError):
     """Writing the unpacked files failed (destination exists, disk full, permissions)."""
+
+
+class ArtifactError(PackageError):
+    """The model file inside a (validly signed) package is damaged, truncated or of the wrong format."""
+
+
+class BackendUnavailableError(EdgeshipError):
+    """No installed backend can run this artifact here (library missing, wrong OS, no GPU)."""
+
+
+class ModelLoadError(EdgeshipError):
+    """The backend's native library refused to load the model (unsupported op, bad engine, out of memory)."""
+
+
+class InputError(UsageError):
+    """Inputs passed to ``Session.run`` have the wrong names, shapes or dtypes."""

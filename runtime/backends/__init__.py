@@ -1,0 +1,1 @@
+"""Runtime backends: thin adapters over native inference libraries, chosen through the registry."""
