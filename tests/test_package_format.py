@@ -496,3 +496,117 @@ def test_pax_header_long_name_member_is_checked_like_any_other(tmp_path: Path, p
     assert (dest / long_name).read_bytes() == b"w" * 10
     with tarfile.open(fileobj=io.BytesIO(pkg.read_bytes())) as tar:
         assert long_name in tar.getnames()
+
+
+# ---------------------------------------------------------------- review findings, each a regression test
+
+
+def _sig_entries(publisher: Publisher, raw: bytes, *extra: tuple[str, bytes]) -> bytes:
+    import base64
+
+    from edgeship.runtime.package import key_id
+
+    good = (key_id(publisher.key.public_key()), publisher.key.sign(raw))
+    entries = [*extra, good] if extra else [good]
+    return json.dumps({"signatures": [{"keyid": k, "sig": base64.b64encode(s).decode()} for k, s in entries]}).encode()
+
+
+def test_garbage_signature_claiming_a_trusted_key_does_not_hide_a_good_one(tmp_path: Path, publisher: Publisher):
+    from edgeship.runtime.package import key_id
+
+    raw = manifest_bytes(manifest_for(CONTENTS))
+    bogus = (key_id(publisher.key.public_key()), b"\0" * 64)
+    for sig in (_sig_entries(publisher, raw, bogus), _sig_entries(publisher, raw)):
+        pkg = write_tar(
+            tmp_path / "s.edgepkg", raw, [Member(p, d) for p, d in CONTENTS.items()], publisher.key, signature=sig
+        )
+        assert verify_package(pkg, trusted_keys=publisher.trusted).signed_by == key_id(publisher.key.public_key())
+
+
+def test_key_id_must_be_lowercase_hex(tmp_path: Path, publisher: Publisher):
+    raw = manifest_bytes(manifest_for(CONTENTS))
+    sig = _sig_entries(publisher, raw).replace(b'"keyid": "', b'"keyid": "Z', 1)
+    sig = sig.replace(b'"keyid": "Z', b'"keyid": "Z')  # 65 chars now: not 64 lowercase hex
+    pkg = write_tar(
+        tmp_path / "s.edgepkg", raw, [Member(p, d) for p, d in CONTENTS.items()], publisher.key, signature=sig
+    )
+    assert_unpack_refused(pkg, publisher, SignatureError, "64 lowercase hex")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda raw: raw.replace(b'"version":1', b'"version":1,"version":2'), "appears twice"),
+        (lambda raw: raw.replace(b'"shape":[1,4]', b'"shape":[1,NaN]'), "not a JSON number"),
+        (lambda raw: raw.replace(b'"name":"crafted"', b'"name":"crafted\\n"'), "control character"),
+        (lambda raw: raw.replace(b'"schema_version":1', b'"schema_version":1.0'), "schema_version 1.0"),
+        (lambda raw: raw.replace(b'"path":"report/report.json"', b'"path":"report/\\udc80.json"'), "lone surrogate"),
+    ],
+    ids=["duplicate-key", "nan", "trailing-newline", "float-schema-version", "lone-surrogate"],
+)
+def test_manifest_json_that_readers_could_disagree_on_is_refused(
+    tmp_path: Path, publisher: Publisher, mutate, message: str
+):
+    raw = mutate(manifest_bytes(manifest_for(CONTENTS)))
+    assert_unpack_refused(_resign(tmp_path, publisher, raw), publisher, ManifestError, message)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "message"),
+    [
+        ({"scale": [0.1, 0.2], "zero_point": [0], "axis": 1}, "2 scales but 1 zero points"),
+        ({"scale": [0.1, 0.2], "zero_point": [0, 0], "axis": None}, "needs an axis"),
+        ({"scale": [0.1, 0.2], "zero_point": [0, 0], "axis": 1}, "2 scales for axis 1 of size 4"),
+        ({"scale": [0.1], "zero_point": [0], "axis": 5}, "outside the tensor's rank"),
+    ],
+)
+def test_inconsistent_quantization_is_refused(tmp_path: Path, publisher: Publisher, quantization: dict, message: str):
+    m = manifest_for(CONTENTS)
+    m["inputs"][0]["quantization"] = quantization
+    assert_unpack_refused(_resign(tmp_path, publisher, m), publisher, ManifestError, message)
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (["MANIFEST.JSON"], "reserved"),
+        (["manifest.json/x"], "reserved"),
+        (["model/caf\u00e9.bin", "model/cafe\u0301.bin"], "collide"),
+    ],
+    ids=["reserved-upper", "reserved-as-dir", "nfc-nfd"],
+)
+def test_paths_that_collide_on_apple_file_systems_are_refused(tmp_path: Path, publisher: Publisher, paths, message):
+    pkg = write_tar(tmp_path / "p.edgepkg", manifest_for({p: b"x" for p in paths}), [], publisher.key)
+    assert_unpack_refused(pkg, publisher, ManifestError, message)
+
+
+def test_huge_pax_header_is_refused_before_it_is_read(tmp_path: Path, publisher: Publisher):
+    raw = manifest_bytes(manifest_for(CONTENTS))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(raw)
+        info.pax_headers = {"comment": "x" * (8 << 20)}
+        tar.addfile(info, io.BytesIO(raw))
+    pkg = tmp_path / "pax.edgepkg"
+    pkg.write_bytes(buf.getvalue())
+    assert_unpack_refused(pkg, publisher, PackageFormatError, "metadata, over the")
+
+
+def test_unpacked_tree_and_written_package_are_readable_by_others(package: Path, publisher: Publisher, tmp_path: Path):
+    assert package.stat().st_mode & 0o777 == 0o644
+    dest = tmp_path / "slot"
+    unpack_package(package, dest, trusted_keys=publisher.trusted)
+    assert dest.stat().st_mode & 0o777 == 0o755
+    assert (dest / "model").stat().st_mode & 0o777 == 0o755
+    assert (dest / "model/model.onnx").stat().st_mode & 0o777 == 0o644
+
+
+def test_staging_left_by_a_power_cut_is_removed_by_the_next_unpack(package: Path, publisher: Publisher, tmp_path: Path):
+    stale = tmp_path / ".slot.partial-abc123"
+    (stale / "model").mkdir(parents=True)
+    (stale / "model/half-written.onnx").write_bytes(b"\0" * 10)
+    unrelated = tmp_path / ".other.partial-xyz"
+    unrelated.mkdir()
+    unpack_package(package, tmp_path / "slot", trusted_keys=publisher.trusted)
+    assert not stale.exists() and unrelated.exists()

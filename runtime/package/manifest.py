@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -53,31 +55,43 @@ def validate_member_path(path: str) -> None:
     no empty, ``.`` or ``..`` segment, at most 1024 bytes, and not one of the two
     reserved names (``manifest.json``, ``manifest.sig``).
     """
-    if not path or len(path.encode("utf-8", "surrogatepass")) > 1024:
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"member path {path!r} is not valid Unicode (lone surrogate)") from None
+    if not path or len(encoded) > 1024:
         raise ManifestError(f"member path {path!r} is empty or longer than 1024 bytes")
     if path.startswith("/") or "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
         raise ManifestError(f"member path {path!r} is absolute or contains '\\' or control characters")
     for segment in path.split("/"):
         if segment in ("", ".", ".."):
             raise ManifestError(f"member path {path!r} has an empty, '.' or '..' segment")
-    if path in RESERVED_NAMES:
+    if _fold(path.split("/")[0]) in _RESERVED_FOLDED:
         raise ManifestError(f"member path {path!r} is reserved for the package's own metadata")
 
 
+def _fold(path: str) -> str:
+    """The key two paths collide on: NFC-normalised and case-folded, as APFS and HFS+ compare names."""
+    return unicodedata.normalize("NFC", path).casefold()
+
+
+_RESERVED_FOLDED = frozenset(_fold(n) for n in RESERVED_NAMES)
+
+
 def check_path_set(paths: list[str]) -> None:
-    """Raise ``ManifestError`` if the paths collide: duplicates (also case-insensitively,
-    because macOS and iOS file systems fold case) or a path that is both a file and a
-    directory (``a`` and ``a/b``)."""
+    """Raise ``ManifestError`` if the paths collide: duplicates (also after Unicode
+    normalisation and case folding, because macOS and iOS file systems compare names
+    that way) or a path that is both a file and a directory (``a`` and ``a/b``)."""
     seen: dict[str, str] = {}
     for path in paths:
-        folded = path.casefold()
+        folded = _fold(path)
         if folded in seen:
             raise ManifestError(
                 f"member paths {seen[folded]!r} and {path!r} collide (duplicate or differ only in case)"
             )
         seen[folded] = path
     for path in paths:
-        parts = path.casefold().split("/")
+        parts = _fold(path).split("/")
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
             if prefix in seen:
@@ -245,14 +259,16 @@ class Manifest:
         """Serialise to the canonical bytes that are signed: UTF-8 JSON, sorted keys, no extra spaces."""
         data = self.to_json()
         check_manifest_json(data)
-        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         """Parse and check manifest bytes; raise ``ManifestError`` naming the first problem found."""
         try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ManifestError(f"manifest.json is not valid UTF-8 JSON: {exc}") from None
         return cls.from_json(obj)
 
@@ -316,7 +332,12 @@ def check_manifest_json(obj: Any) -> None:
     Beyond the schema: every path is safe, no two paths collide, and the artifact,
     golden, baseline and report paths each name listed members.
     """
-    if isinstance(obj, dict) and obj.get("schema_version") != SCHEMA_VERSION and "schema_version" in obj:
+    _check_strings(obj)
+    if (
+        isinstance(obj, dict)
+        and "schema_version" in obj
+        and not (type(obj["schema_version"]) is int and obj["schema_version"] == SCHEMA_VERSION)
+    ):
         raise ManifestError(
             f"manifest schema_version {obj['schema_version']!r} is not supported (this edgeship reads "
             f"{SCHEMA_VERSION}); upgrade edgeship or rebuild the package"
@@ -340,6 +361,60 @@ def check_manifest_json(obj: Any) -> None:
         names = [t["name"] for t in obj[kind]]
         if len(set(names)) != len(names):
             raise ManifestError(f"manifest {kind} repeat a tensor name: {names}")
+        for tensor in obj[kind]:
+            _check_quantization(kind[:-1], tensor)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Readers differ on which duplicate wins; two readers must never see two manifests.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_strings(obj: Any, where: str = "") -> None:
+    """No string (key or value) may hold control characters or unpaired surrogates."""
+    if isinstance(obj, str):
+        if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in obj):
+            raise ManifestError(
+                f"manifest string at {where or '(top level)'} holds a control character or a lone surrogate"
+            )
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_strings(key, where)
+            _check_strings(value, f"{where}/{key}" if where else str(key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _check_strings(value, f"{where}/{i}")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ManifestError(f"manifest number at {where} is not finite")
+
+
+def _check_quantization(kind: str, tensor: dict[str, Any]) -> None:
+    q = tensor.get("quantization")
+    if q is None:
+        return
+    name, rank = tensor["name"], len(tensor["shape"])
+    if len(q["scale"]) != len(q["zero_point"]):
+        raise ManifestError(
+            f"{kind} {name!r}: quantization has {len(q['scale'])} scales but {len(q['zero_point'])} zero points"
+        )
+    axis = q.get("axis")
+    if len(q["scale"]) > 1:
+        if axis is None or not 0 <= axis < rank:
+            raise ManifestError(f"{kind} {name!r}: per-axis quantization needs an axis in 0..{rank - 1}, got {axis}")
+        dim = tensor["shape"][axis]
+        if dim is not None and dim != len(q["scale"]):
+            raise ManifestError(f"{kind} {name!r}: {len(q['scale'])} scales for axis {axis} of size {dim}")
+    elif axis is not None and not 0 <= axis < rank:
+        raise ManifestError(f"{kind} {name!r}: quantization axis {axis} is outside the tensor's rank {rank}")
 
 
 def _short(message: str, limit: int = 200) -> str:

@@ -12,6 +12,7 @@ Python's ``tarfile`` is used only to parse headers; this module never calls its
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tarfile
@@ -98,8 +99,9 @@ def unpack_package(
     only after every member verified; on any error the staging directory is removed and
     ``dest`` is left as it was. ``manifest.json`` and ``manifest.sig`` are written too, so
     the directory can be verified again later. With ``durable`` (the default) files and
-    directories are fsynced before the rename, so a power cut leaves either nothing or
-    the whole package. Raises a ``PackageError`` subclass (``UnpackError`` for
+    directories are fsynced before the rename, so a power cut leaves either the whole
+    package or no ``dest`` at all (a staging directory left by the cut is removed by the
+    next unpack to the same ``dest``). Raises a ``PackageError`` subclass (``UnpackError`` for
     destination problems such as a full disk).
     """
     dest_path = Path(dest)
@@ -108,8 +110,10 @@ def unpack_package(
         verified = _read_head(tar, path, trusted_keys, check_signature, last_installed_version, limits)
         manifest = verified.manifest
         _check_free_space(dest_path.parent, manifest.total_size)
+        _remove_stale_partials(dest_path)
         try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.partial-", dir=dest_path.parent))
+            staging = Path(tempfile.mkdtemp(prefix=_partial_prefix(dest_path), dir=dest_path.parent))
+            staging.chmod(0o755)  # mkdtemp makes it 0700; the model may be read by another user
         except OSError as exc:
             raise UnpackError(f"cannot create a directory in {dest_path.parent}: {exc.strerror}") from None
         try:
@@ -126,11 +130,43 @@ def unpack_package(
             except OSError as exc:
                 raise UnpackError(f"cannot move the unpacked package to {dest_path}: {exc.strerror}") from None
             if durable:
-                _fsync_dir(dest_path.parent)
+                fsync_dir(dest_path.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return verified
+
+
+class _BoundedReads(io.RawIOBase):
+    """A file wrapper that refuses any single read larger than ``cap``.
+
+    tarfile reads a pax extended header or a GNU long name in one ``read()`` of the size
+    its header claims, before edgeship sees the member. Member data is read in chunks of
+    at most ``CHUNK`` bytes, so a larger read can only be hostile metadata.
+    """
+
+    def __init__(self, raw: BinaryIO, cap: int) -> None:
+        super().__init__()
+        self._raw, self._cap = raw, cap
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self._cap:
+            raise PackageFormatError(
+                f"a tar header asks to read {size} bytes of metadata, over the {self._cap}-byte cap"
+            )
+        return self._raw.read(size)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 @contextmanager
@@ -145,7 +181,8 @@ def _open_tar(path: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
         raise PackageError(f"cannot read package {path}: {exc.strerror}") from None
     try:
         try:
-            tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - the with below closes it
+            bounded = _BoundedReads(fileobj, max(CHUNK, DEFAULT_LIMITS.max_manifest_bytes))
+            tar = tarfile.open(fileobj=bounded, mode="r:")  # noqa: SIM115 - the with below closes it
         except _PARSE_ERRORS:
             raise PackageFormatError(
                 f"{path} is not an edgeship package (not an uncompressed tar archive, or empty/truncated)"
@@ -190,11 +227,12 @@ def _read_head(
             info = _next(tar)
         except PackageFormatError as exc:
             raise PackageFormatError(f"{path} is not an edgeship package: {exc}") from None
-        if info is None or info.name != expected or not info.isreg():
+        if info is None or info.name != expected:
             found = "the end of the archive" if info is None else repr(info.name)
             raise PackageFormatError(
                 f"{path} is not an edgeship package: expected {expected} as member {len(head) + 1}, found {found}"
             )
+        _check_member_type(info)
         head.append(_read_small(tar, info, cap))
     return check_manifest(
         head[0],
@@ -207,6 +245,14 @@ def _read_head(
 
 
 def _check_member_header(info: tarfile.TarInfo) -> None:
+    _check_member_type(info)
+    try:
+        validate_member_path(info.name)
+    except ManifestError as exc:
+        raise UnsafeMemberError(f"unsafe member name: {exc}") from None
+
+
+def _check_member_type(info: tarfile.TarInfo) -> None:
     kind = None
     if info.issym():
         kind = f"a symbolic link (to {info.linkname!r})"
@@ -222,10 +268,6 @@ def _check_member_header(info: tarfile.TarInfo) -> None:
         kind = "not a regular file"
     if kind is not None:
         raise UnsafeMemberError(f"member {info.name!r} is {kind}; packages may hold only regular files")
-    try:
-        validate_member_path(info.name)
-    except ManifestError as exc:
-        raise UnsafeMemberError(f"unsafe member name: {exc}") from None
 
 
 def _members(
@@ -313,6 +355,21 @@ def _check_destination(dest: Path) -> None:
         raise UnpackError(f"the parent of {dest} does not exist; create it first")
 
 
+def _partial_prefix(dest: Path) -> str:
+    return f".{dest.name}.partial-"
+
+
+def _remove_stale_partials(dest: Path) -> None:
+    """Remove staging directories a crash or power cut left beside ``dest`` (never anything else)."""
+    prefix = _partial_prefix(dest)
+    try:
+        stale = [p for p in dest.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _check_free_space(directory: Path, needed: int) -> None:
     try:
         free = shutil.disk_usage(directory).free
@@ -348,15 +405,15 @@ def _write_file(target: Path, chunks: Iterator[bytes] | list[bytes], durable: bo
         raise UnsafeMemberError(f"{target.name} would overwrite another member") from None
     except OSError as exc:
         raise _unpack_error(exc, target) from None
-    with os.fdopen(fd, "wb") as f:
-        try:
+    try:
+        with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        except OSError as exc:
-            raise _unpack_error(exc, target) from None
+    except OSError as exc:  # also a delayed ENOSPC or EIO reported by close()
+        raise _unpack_error(exc, target) from None
 
 
 def _unpack_error(exc: OSError, where: Path) -> UnpackError:
@@ -365,7 +422,7 @@ def _unpack_error(exc: OSError, where: Path) -> UnpackError:
     return UnpackError(f"cannot write {where}: {exc.strerror or exc}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -380,4 +437,4 @@ def _fsync_dir(directory: Path) -> None:
 
 def _fsync_tree_dirs(root: Path) -> None:
     for dirpath, _dirnames, _filenames in os.walk(root):
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))

@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edgeship.errors import KeyFileError, SignatureError, UntrustedKeyError, UsageError
 
 MAX_SIGNATURES = 16
+_KEYID = re.compile(r"[0-9a-f]{64}")
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -63,7 +65,12 @@ def generate_key() -> Ed25519PrivateKey:
 
 
 def private_key_pem(key: Ed25519PrivateKey, passphrase: bytes | None = None) -> bytes:
-    """PKCS#8 PEM of ``key``, encrypted with ``passphrase`` when one is given."""
+    """PKCS#8 PEM of ``key``, encrypted with ``passphrase`` when one is given.
+
+    The encryption is cryptography's PKCS#8 default (PBES2: PBKDF2-HMAC-SHA256 with 2048
+    iterations, AES-256-CBC); cryptography offers no way to raise the iteration count for
+    PKCS#8, so use a long passphrase (or keep release keys in an HSM).
+    """
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
@@ -153,6 +160,9 @@ def verify_signature(manifest_bytes: bytes, signature_bytes: bytes, trusted: Tru
     signatures = _parse_signatures(signature_bytes)
     if not trusted:
         raise UsageError("no trusted public keys given; pass the publisher's key (--key FILE.pub)")
+    # Accept when any signature by a trusted key verifies, whatever the order: manifest.sig
+    # is not itself signed, so a garbage entry added by anyone must not decide the outcome.
+    failed = []
     for keyid, sig in signatures:
         key = trusted.keys.get(keyid)
         if key is None:
@@ -160,11 +170,14 @@ def verify_signature(manifest_bytes: bytes, signature_bytes: bytes, trusted: Tru
         try:
             key.verify(sig, manifest_bytes)
         except InvalidSignature:
-            raise SignatureError(
-                f"the signature by key {keyid[:16]} does not match manifest.json: the manifest was changed "
-                "after signing or the package is corrupt; get the package again from its publisher"
-            ) from None
+            failed.append(keyid)
+            continue
         return keyid
+    if failed:
+        raise SignatureError(
+            f"the signature by key {failed[0][:16]} does not match manifest.json: the manifest was changed "
+            "after signing or the package is corrupt; get the package again from its publisher"
+        )
     signed_by = ", ".join(k[:16] for k, _ in signatures)
     trusted_ids = ", ".join(k[:16] for k in trusted.keys)
     raise UntrustedKeyError(
@@ -182,12 +195,12 @@ def _parse_signatures(data: bytes) -> list[tuple[str, bytes]]:
         out = []
         for entry in entries:
             keyid, sig_b64 = entry["keyid"], entry["sig"]
-            if not isinstance(keyid, str) or len(keyid) != 64 or not isinstance(sig_b64, str):
-                raise ValueError("bad keyid or sig")
+            if not isinstance(keyid, str) or not _KEYID.fullmatch(keyid) or not isinstance(sig_b64, str):
+                raise ValueError("a keyid is 64 lowercase hex digits and a sig is a base64 string")
             sig = base64.b64decode(sig_b64, validate=True)
             if len(sig) != 64:
                 raise ValueError("an ed25519 signature is 64 bytes")
-            out.append((keyid.lower(), sig))
+            out.append((keyid, sig))
         return out
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
         raise SignatureError(

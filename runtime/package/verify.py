@@ -3,7 +3,8 @@
 Invariants kept here (the rest of edgeship relies on them and never re-implements them):
 
 1. The signature is checked over the exact ``manifest.json`` bytes *before* they are
-   parsed, so a parser bug cannot be reached by an unsigned manifest.
+   parsed, so a parser bug cannot be reached by an unsigned manifest (unless the caller
+   turns the signature check off explicitly, as ``edgeship pkg inspect`` without a key does).
 2. A manifest is trusted only if it matches the schema and its paths are safe and
    do not collide (``manifest.check_manifest_json``).
 3. Size caps are enforced from the signed sizes, before any member is read.
@@ -64,6 +65,10 @@ def check_manifest(
     paths), ``SizeLimitError`` (caps), ``VersionRollbackError`` (not newer than
     ``last_installed_version``), ``UsageError`` (signature check asked for without keys).
     """
+    if len(manifest_bytes) > limits.max_manifest_bytes:
+        raise SizeLimitError(
+            f"manifest.json is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes}-byte cap"
+        )
     signed_by: str | None = None
     if check_signature:
         if trusted_keys is None:
@@ -71,10 +76,6 @@ def check_manifest(
                 "no trusted public keys given; pass the publisher's key, or disable the signature check explicitly"
             )
         signed_by = verify_signature(manifest_bytes, signature_bytes, trusted_keys)
-    if len(manifest_bytes) > limits.max_manifest_bytes:
-        raise SizeLimitError(
-            f"manifest.json is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes}-byte cap"
-        )
     manifest = Manifest.from_bytes(manifest_bytes)
     check_limits(manifest, limits)
     if last_installed_version is not None and manifest.version <= last_installed_version:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
-from edgeship.runtime.package.reader import CHUNK, verify_package
+from edgeship.runtime.package.reader import CHUNK, fsync_dir, verify_package
 from edgeship.runtime.package.signing import TrustedKeys, sign_manifest
 
 Contents = Mapping[str, "bytes | Path"]
@@ -80,7 +80,9 @@ def write_package(
             raw.flush()
             os.fsync(raw.fileno())
         verify_package(tmp, trusted_keys=TrustedKeys.of(k.public_key() for k in signing_keys))
+        tmp.chmod(0o644)  # mkstemp makes it 0600; packages are published, not secret
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except OSError as exc:
         raise UsageError(f"cannot write package {out}: {exc.strerror or exc}") from None
     finally:
