@@ -10,18 +10,21 @@ VENV310 := .venv-py310
 STAMP310 := $(VENV310)/.edgeship-installed
 PYTHON310 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python3.10 2>/dev/null) \
                $$(command -v python3.10); do "$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
+# Devices that have only tflite-runtime 2.14 (numpy 1 only): a third venv runs the LiteRT backend there.
+VENVTFL := .venv-tflite
+STAMPTFL := $(VENVTFL)/.edgeship-installed
 PIP_QUIET := -q --disable-pip-version-check
 # One thread per test worker, no model hubs.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
             OPENBLAS_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \
             TF_CPP_MIN_LOG_LEVEL=2 HYPOTHESIS_PROFILE=ci
 
-.PHONY: demo test lint typecheck unit test310 install install310 mosquitto clean
+.PHONY: demo test lint typecheck unit test310 install install310 installtfl mosquitto clean
 
 demo: install
-	$(TEST_ENV) $(PY) examples/demo.py
+	$(TEST_ENV) $(PY) -m examples.demo
 
-test: install install310 mosquitto lint typecheck unit test310
+test: install install310 installtfl mosquitto lint typecheck unit test310
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -38,6 +41,7 @@ test310: install310
 
 install: $(STAMP)
 install310: $(STAMP310)
+installtfl: $(STAMPTFL)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +62,12 @@ $(STAMP310): pyproject.toml constraints-py310.txt
 	$(VENV310)/bin/python -m pip install $(PIP_QUIET) -c constraints-py310.txt -e '.[litert,ort,agent]' pytest hypothesis
 	touch $@
 
+$(STAMPTFL): pyproject.toml constraints-tflite.txt
+	[ -x $(VENVTFL)/bin/python ] || $(PYTHON) -m venv $(VENVTFL)
+	$(VENVTFL)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(VENVTFL)/bin/python -m pip install $(PIP_QUIET) -c constraints-tflite.txt tflite-runtime==2.14.0 -e .
+	touch $@
+
 # Tests start their own broker on a free port; they only need the binary.
 mosquitto:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
@@ -69,4 +79,4 @@ mosquitto:
 	fi
 
 clean:
-	rm -rf $(VENV) $(VENV310) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(VENV310) $(VENVTFL) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

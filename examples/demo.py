@@ -40,41 +40,6 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def train_digits_cnn():
-    import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, random_state=0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32 * 4 * 4, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    for _epoch in range(15):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
-    return model, x_test, y_test, float(acc)
-
-
 def main() -> None:
     import torch
 
@@ -86,8 +51,11 @@ def main() -> None:
 
     step("1. train a small CNN on scikit-learn's digits (8x8 images, 10 classes)")
     t0 = time.perf_counter()
-    model, x_test, y_test, acc = train_digits_cnn()
-    params = sum(p.numel() for p in model.parameters())
+    from examples.digits import train
+
+    digits = train()
+    model, x_test, y_test, acc = digits.model, digits.x_test, digits.y_test, digits.accuracy
+    params = digits.parameters
     print(f"{params} parameters, test accuracy {acc:.3f} ({time.perf_counter() - t0:.1f} s)")
 
     step("2. export to ONNX (torch.onnx, dynamo exporter)")
@@ -108,9 +76,9 @@ def main() -> None:
     cli("keys", "generate", "--out", OUT / "keys")
 
     step("4. write a signed package with golden vectors")
-    golden_x = x_test[:1]
+    golden_x = x_test[:4, None]  # 4 cases of one image each: (cases, 1, 1, 8, 8)
     with torch.no_grad():
-        golden_y = model(torch.from_numpy(golden_x)).numpy()
+        golden_y = np.stack([model(torch.from_numpy(x)).numpy() for x in golden_x])
     buf = io.BytesIO()
     np.savez(buf, **{"input:image": golden_x, "output:logits": golden_y})
     draft = Manifest(
@@ -145,7 +113,7 @@ def main() -> None:
 
     session = ort.InferenceSession(str(OUT / "slot-b/model/digits.onnx"), providers=["CPUExecutionProvider"])
     golden = np.load(OUT / "slot-b/golden/vectors.npz")
-    got = session.run(None, {"image": golden["input:image"]})[0]
+    got = np.stack([session.run(None, {"image": x})[0] for x in golden["input:image"]])
     print(f"max abs difference to golden outputs: {np.abs(got - golden['output:logits']).max():.2e}")
     preds = np.array([session.run(None, {"image": x[None]})[0].argmax() for x in x_test])
     print(f"ONNX Runtime accuracy on {len(x_test)} test digits: {(preds == y_test).mean():.3f} (PyTorch: {acc:.3f})")

@@ -1,4 +1,24 @@
-"""edgeship.runtime: what runs on the device. The model package format lives in ``edgeship.runtime.package``.
+"""edgeship.runtime: what runs on the device.
+
+- ``edgeship.runtime.open(package_or_dir, backend="auto", trusted_keys=...) -> Session``
+- ``edgeship.runtime.package``: the signed model package format.
+- ``edgeship.runtime.backends``: the backend interface and registry (LiteRT, ONNX Runtime,
+  TensorRT, Core ML built in; other parts of edgeship register more).
 
 This package must import without torch, tensorflow, onnx or coremltools, and on Python 3.10.
 """
+
+from edgeship.runtime.backends.base import Backend, BackendOptions, LoadedModel, TensorInfo
+from edgeship.runtime.backends.registry import register as register_backend
+from edgeship.runtime.session import RuntimeStats, Session, open
+
+__all__ = [
+    "Backend",
+    "BackendOptions",
+    "LoadedModel",
+    "RuntimeStats",
+    "Session",
+    "TensorInfo",
+    "open",
+    "register_backend",
+]

@@ -51,7 +51,13 @@ def sample_contents() -> dict[str, bytes]:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **{"input:x": rng.standard_normal((2, 1, 8, 8), dtype=np.float32)})
+    np.savez(
+        buf,
+        **{
+            "input:x": rng.standard_normal((2, 1, 8, 8), dtype=np.float32),
+            "output:logits": rng.standard_normal((2, 1, 10), dtype=np.float32),
+        },
+    )
     return {
         "model/model.onnx": rng.bytes(3000),
         "model/model.onnx.data": rng.bytes(5000),

@@ -29,10 +29,16 @@ app = typer.Typer(
 err_console = Console(stderr=True, highlight=False)
 _state = {"debug": False}
 
-# (module holding a Typer sub-app named ``app``, group name, help, module that must be importable)
-_GROUPS: list[tuple[str, str, str, str | None]] = [
-    ("edgeship.cli.keys", "keys", "Create signing keys.", None),
-    ("edgeship.cli.pkg", "pkg", "Inspect, verify and unpack model packages.", None),
+# (module holding a Typer sub-app named ``app``, group name, help, modules of which one must be importable)
+_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
+    ("edgeship.cli.keys", "keys", "Create signing keys.", ()),
+    ("edgeship.cli.pkg", "pkg", "Inspect, verify and unpack model packages.", ()),
+]
+# Single commands: (module, function name, needs one of these modules). run/bench need a backend.
+_BACKEND_LIBS = ("ai_edge_litert", "tflite_runtime", "tensorflow", "onnxruntime", "tensorrt", "coremltools")
+_COMMANDS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("edgeship.cli.runtime_cmds", "run", _BACKEND_LIBS),
+    ("edgeship.cli.runtime_cmds", "bench", _BACKEND_LIBS),
 ]
 
 
@@ -52,12 +58,17 @@ def _root(
     _state["debug"] = debug
 
 
+def _installed(requires: tuple[str, ...]) -> bool:
+    return not requires or any(importlib.util.find_spec(m) is not None for m in requires)
+
+
 def _register_groups() -> None:
     for module, name, help_text, requires in _GROUPS:
-        if requires is not None and importlib.util.find_spec(requires) is None:
-            continue
-        sub = importlib.import_module(module).app
-        app.add_typer(sub, name=name, help=help_text)
+        if _installed(requires):
+            app.add_typer(importlib.import_module(module).app, name=name, help=help_text)
+    for module, name, requires in _COMMANDS:
+        if _installed(requires):
+            app.command(name)(getattr(importlib.import_module(module), name))
 
 
 _register_groups()

@@ -12,7 +12,7 @@ from edgeship.runtime.package.manifest import (
     TensorSpec,
     manifest_schema,
 )
-from edgeship.runtime.package.reader import read_manifest, unpack_package, verify_package
+from edgeship.runtime.package.reader import read_manifest, unpack_package, verify_directory, verify_package
 from edgeship.runtime.package.signing import (
     TrustedKeys,
     generate_key,
@@ -50,6 +50,7 @@ __all__ = [
     "read_manifest",
     "sign_manifest",
     "unpack_package",
+    "verify_directory",
     "verify_package",
     "verify_signature",
     "write_keypair",
