@@ -71,3 +71,11 @@ def test_bench_reports_latency_throughput_and_memory(models: Models):
 def test_bench_fixed_batch_model_refuses_other_batch(models: Models):
     result = edgeship("bench", models.package("tflite-fp32"), "-k", models.public_key, "--runs", "3", "--batch", "4")
     assert result.returncode == 2 and "fixed batch dimension" in result.stderr
+
+
+def test_bench_peak_memory_is_its_own_not_its_parents(models: Models):
+    # getrusage's ru_maxrss survives execve: a bench started by a big process reported the parent's peak.
+    ballast = np.ones(80_000_000)  # 610 MiB held by this (parent) process
+    result = edgeship("bench", models.package("onnx-fp32"), "-k", models.public_key, "--runs", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["peak_rss_mib"] < 400 < ballast.nbytes / (1 << 20)
