@@ -14,9 +14,10 @@ import math
 import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
+if TYPE_CHECKING:
+    import jsonschema
 
 from edgeship.errors import ManifestError
 
@@ -30,6 +31,8 @@ DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "boo
 
 @functools.lru_cache(maxsize=1)
 def _validator() -> jsonschema.protocols.Validator:
+    import jsonschema  # imported on first validation: it is a quarter of the runtime's import time
+
     text = resources.files("edgeship.runtime.package").joinpath("manifest.schema.json").read_text("utf-8")
     schema = json.loads(text)
     # JSON Schema counts 3.0 as an integer; a manifest must write integers without a
@@ -342,7 +345,9 @@ def check_manifest_json(obj: Any) -> None:
             f"manifest schema_version {obj['schema_version']!r} is not supported (this edgeship reads "
             f"{SCHEMA_VERSION}); upgrade edgeship or rebuild the package"
         )
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(obj))
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(obj))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ManifestError(f"manifest does not match the schema at {where}: {_short(error.message)}")
