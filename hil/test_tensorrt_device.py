@@ -20,7 +20,9 @@ import pytest
 from edgeship.errors import InputError, ModelLoadError
 from edgeship.runtime.backends import tensorrt as trt_backend
 from edgeship.runtime.backends.base import BackendOptions, LoadedModel
-from edgeship.runtime.backends.tensorrt import BUILD_SPEC_NAME, EngineCacheKey, TensorRTBackend
+from edgeship.runtime.backends.engine_cache import EngineCacheKey
+from edgeship.runtime.backends.tensorrt import TensorRTBackend
+from edgeship.runtime.backends.tensorrt_spec import BUILD_SPEC_NAME
 from edgeship.runtime.package.manifest import Manifest, TensorSpec
 
 REASON = TensorRTBackend.unavailable_reason()

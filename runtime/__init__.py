@@ -10,7 +10,7 @@ This package must import without torch, tensorflow, onnx or coremltools, and on 
 
 from edgeship.runtime.backends.base import Backend, BackendOptions, LoadedModel, TensorInfo
 from edgeship.runtime.backends.registry import register as register_backend
-from edgeship.runtime.session import RuntimeStats, Session, open
+from edgeship.runtime.session import RuntimeStats, Session, open, open_unpackaged
 
 __all__ = [
     "Backend",
@@ -20,5 +20,6 @@ __all__ = [
     "Session",
     "TensorInfo",
     "open",
+    "open_unpackaged",
     "register_backend",
 ]

@@ -122,6 +122,28 @@ def open(
         raise
 
 
+def open_unpackaged(
+    manifest: Manifest,
+    root: str | os.PathLike[str],
+    backend: str = "auto",
+    *,
+    threads: int | None = None,
+    delegates: Iterable[str] = (),
+    raw: bool = False,
+    stats: bool = False,
+    **extra: Any,
+) -> Session:
+    """Open an artifact that is not packaged yet: ``root / manifest.artifact_path`` with ``manifest``.
+
+    For the compiler, which validates what it just built before it packages and signs it.
+    Nothing is verified (there is nothing signed yet), the artifact's structure is still
+    checked; never use this for files that came from elsewhere.
+    """
+    unsigned = VerifiedManifest(manifest, b"", b"", None)
+    options = BackendOptions(threads=threads, delegates=tuple(delegates), extra=dict(extra))
+    return Session._load(unsigned, Path(root), backend, options, raw=raw, stats=stats, warmup=0, tmp=None)
+
+
 def _trusted(keys: KeySource, verify: bool) -> TrustedKeys | None:
     if not verify:
         return None

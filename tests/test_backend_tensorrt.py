@@ -22,21 +22,23 @@ import pytest
 from edgeship.errors import ArtifactError, BackendUnavailableError, ModelLoadError
 from edgeship.runtime.backends import tensorrt as trt_backend
 from edgeship.runtime.backends.base import BackendOptions
-from edgeship.runtime.backends.tensorrt import (
-    BUILD_SPEC_NAME,
-    BuildSpec,
+from edgeship.runtime.backends.engine_cache import (
     CacheState,
     EngineCache,
     EngineCacheKey,
-    OptimizationProfile,
-    ShapeRange,
-    TensorRTBackend,
-    check_network_inputs,
-    check_tensorrt_version,
-    choose_profile,
     judge_cache_entry,
     load_or_build,
     package_sha256,
+)
+from edgeship.runtime.backends.tensorrt import TensorRTBackend
+from edgeship.runtime.backends.tensorrt_spec import (
+    BUILD_SPEC_NAME,
+    BuildSpec,
+    OptimizationProfile,
+    ShapeRange,
+    check_network_inputs,
+    check_tensorrt_version,
+    choose_profile,
     parse_version,
     precision_flags,
     version_at_least,
@@ -240,7 +242,7 @@ def test_cache_key_digest_is_stable_across_processes_and_releases():
     # A change to this value orphans every engine cached on every device: change it on purpose only.
     assert KEY.digest() == "8837c07c954c9095e33851a59a1f079b70e6013c835dee9648f9118bfc47c00a"
     code = (
-        "from edgeship.runtime.backends.tensorrt import EngineCacheKey as K;"
+        "from edgeship.runtime.backends.engine_cache import EngineCacheKey as K;"
         f"print(K('Orin','8.7','10.3.0.30','{'a' * 64}','{'b' * 64}').digest())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

@@ -257,4 +257,3 @@ def _deserialize(deserialize: Callable[[bytes], Engine | None], plan: bytes) -> 
     except Exception as exc:  # any native failure means "not loadable"; the caller rebuilds or raises
         return None, f"{type(exc).__name__}: {exc}"
     return engine, "" if engine is not None else "deserialize_cuda_engine returned no engine"
-

@@ -32,7 +32,13 @@ import numpy as np
 
 from edgeship.errors import ArtifactError, BackendUnavailableError, InputError, ModelLoadError
 from edgeship.runtime.backends.base import Backend, BackendOptions, LoadedModel, TensorInfo
-from edgeship.runtime.backends.engine_cache import DEFAULT_CACHE_DIR, EngineCache, EngineCacheKey, load_or_build, package_sha256
+from edgeship.runtime.backends.engine_cache import (
+    DEFAULT_CACHE_DIR,
+    EngineCache,
+    EngineCacheKey,
+    load_or_build,
+    package_sha256,
+)
 from edgeship.runtime.backends.tensorrt_spec import (
     BUILD_SPEC_NAME,
     BuildSpec,
@@ -54,11 +60,6 @@ CUDA_PYTHON_MISSING = (
     "the cuda-python package is not installed (pip install 'cuda-python>=12,<13' on JetPack 6; "
     "its major version must match the installed CUDA)"
 )
-
-
-# --------------------------------------------------------------------------------------
-# Library boundary: everything below imports tensorrt or cuda-python lazily
-# --------------------------------------------------------------------------------------
 
 
 def _import_tensorrt() -> ModuleType:

@@ -260,7 +260,6 @@ def check_tensorrt_version(installed: str, required: str) -> None:
         )
 
 
-
 # --------------------------------------------------------------------------------------
 # Shapes and optimization profiles (pure)
 # --------------------------------------------------------------------------------------
@@ -320,4 +319,3 @@ def describe_profiles(profiles: Sequence[OptimizationProfile], name: str) -> str
     """The ranges the profiles allow for input ``name``, for error messages."""
     ranges = [r for p in profiles if (r := p.range_for(name)) is not None]
     return " or ".join(f"{list(r.min)}..{list(r.max)}" for r in ranges) or "its static shape"
-
