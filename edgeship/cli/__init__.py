@@ -33,12 +33,14 @@ _state = {"debug": False}
 _GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("edgeship.cli.keys", "keys", "Create signing keys.", ()),
     ("edgeship.cli.pkg", "pkg", "Inspect, verify and unpack model packages.", ()),
+    ("edgeship.cli.targets", "targets", "List and show device target profiles.", ()),
 ]
 # Single commands: (module, function name, needs one of these modules). run/bench need a backend.
 _BACKEND_LIBS = ("ai_edge_litert", "tflite_runtime", "tensorflow", "onnxruntime", "tensorrt", "coremltools")
 _COMMANDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("edgeship.cli.runtime_cmds", "run", _BACKEND_LIBS),
     ("edgeship.cli.runtime_cmds", "bench", _BACKEND_LIBS),
+    ("edgeship.cli.compile", "compile", ("torch",)),
 ]
 
 

@@ -1,0 +1,425 @@
+"""PyTorch -> Core ML ML program (``.mlpackage``) at one precision, with coremltools 9.0.
+
+The route is ``torch.jit.trace`` then ``ct.convert(convert_to="mlprogram")``; compressed
+precisions are applied afterwards with ``coremltools.optimize.coreml``:
+
+=================== ================================================ ===================
+precision           what                                             lowest min_os
+=================== ================================================ ===================
+fp32                float32 weights and activations                  iOS15 / macOS12
+fp16                float16 weights and activations                  iOS15 / macOS12
+int8-weight-only    int8 weights (linear symmetric, per channel)     iOS16 / macOS13
+palettized-4bit     4-bit k-means look-up tables for weights         iOS16 / macOS13
+w8a8                int8 weights and int8 activations (calibrated)   iOS17 / macOS14
+int4-block          int4 weights, one scale per block of 32          iOS18 / macOS15
+=================== ================================================ ===================
+
+Inputs and outputs stay float32 at every precision (the program casts inside), so a
+caller feeds the same arrays to every variant. Activation calibration for w8a8 normally
+runs Core ML itself, which only exists on macOS; here the activation ranges come from the
+numpy reference evaluator (``reference.py``), then coremltools' own passes insert the
+quantize/dequantize pairs from those ranges.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.compiler.coreml.reference import (
+    ReferenceEvaluator,
+    coremltools_module,
+    load_program,
+    main_function,
+    program_of,
+    unsupported_ops,
+)
+from edgeship.errors import UsageError
+from edgeship.runtime.package.manifest import TensorSpec
+
+PRECISIONS = ("fp32", "fp16", "int8-weight-only", "palettized-4bit", "w8a8", "int4-block")
+
+#: Deployment targets (``ct.target`` member names) -> Core ML specification version.
+MIN_OS_SPEC = {
+    "iOS15": 6,
+    "iOS16": 7,
+    "iOS17": 8,
+    "iOS18": 9,
+    "macOS12": 6,
+    "macOS13": 7,
+    "macOS14": 8,
+    "macOS15": 9,
+}
+
+#: Lowest specification version each precision needs (constexpr weight ops: 7; activation
+#: quantize/dequantize: 8; per-block int4: 9).
+_PRECISION_SPEC = {"fp32": 6, "fp16": 6, "int8-weight-only": 7, "palettized-4bit": 7, "w8a8": 8, "int4-block": 9}
+_SPEC_NAMES = {6: ("iOS15", "macOS12"), 7: ("iOS16", "macOS13"), 8: ("iOS17", "macOS14"), 9: ("iOS18", "macOS15")}
+
+INT4_BLOCK_SIZE = 32
+_COMPRESSION_DESCRIPTIONS = {
+    "int8-weight-only": "int8 (linear symmetric, per channel)",
+    "w8a8": "int8 (linear symmetric, per channel)",
+    "palettized-4bit": "palettized (4-bit k-means look-up table)",
+    "int4-block": f"int4 (linear symmetric, per block of {INT4_BLOCK_SIZE})",
+}
+
+Calibration = Sequence[Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class CoreMLResult:
+    """An emitted ``.mlpackage``.
+
+    ``inputs``/``outputs``: the tensors a caller feeds and receives (float32 for float
+    tensors, int32 for integer inputs). ``weight_bytes``: bytes of the weight blob files.
+    ``weights_compressed``/``weights_float``: weight tensors (rank >= 2) coremltools
+    compressed, and those it left in float. ``unchecked_ops``: op types the reference
+    evaluator cannot compute, so the program's numerics can only be checked on Apple
+    hardware (empty for everything it can check). ``notes``: one line per decision.
+    """
+
+    path: Path
+    precision: str
+    min_os: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    weight_bytes: int
+    weights_compressed: int
+    weights_float: int
+    unchecked_ops: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def check_request(precision: str, min_os: str) -> None:
+    """Raise ``UsageError`` (one line) for an unknown precision or min_os, or a precision that
+    ``min_os`` cannot run (int4-block before iOS18/macOS15, w8a8 before iOS17/macOS14,
+    compressed weights before iOS16/macOS13). Needs no coremltools."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"Core ML precisions are {', '.join(PRECISIONS)}; not {precision!r}")
+    spec = MIN_OS_SPEC.get(min_os)
+    if spec is None:
+        raise UsageError(f"Core ML min_os must be one of {', '.join(MIN_OS_SPEC)}; not {min_os!r}")
+    needed = _PRECISION_SPEC[precision]
+    if spec < needed:
+        ios, macos = _SPEC_NAMES[needed]
+        raise UsageError(
+            f"Core ML precision {precision!r} needs {ios} or {macos} or later; min_os is {min_os} "
+            f"(raise min_os, or choose another precision)"
+        )
+
+
+def emit_coreml(
+    module: Any,
+    example_inputs: tuple[Any, ...],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    precision: str,
+    min_os: str,
+    out_path: str | os.PathLike[str],
+    *,
+    calibration: Calibration | None = None,
+) -> CoreMLResult:
+    """Convert ``module`` (a ``torch.nn.Module``) to an ML program at ``precision`` and save it at
+    ``out_path`` (a ``.mlpackage`` directory, replaced if it exists).
+
+    ``example_inputs`` fix the input shapes (no flexible dimensions). ``calibration`` (feed
+    dicts by input name, each matching those shapes) is required for ``w8a8`` and ignored
+    otherwise. Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
+    calibration data, or a model coremltools cannot convert or compress; ``CoreMLVersionError``
+    when coremltools is not 9.0.
+    """
+    check_request(precision, min_os)
+    out = Path(out_path)
+    if out.suffix != ".mlpackage":
+        raise UsageError(f"the Core ML output path must end in .mlpackage; got {out.name!r}")
+    if len(input_names) != len(example_inputs):
+        raise UsageError(f"{len(example_inputs)} example inputs but {len(input_names)} input names")
+    if precision == "w8a8" and not calibration:
+        raise UsageError(
+            "Core ML precision 'w8a8' needs calibration data to set activation ranges: pass "
+            "calibration=[{input name: array}, ...] (a few dozen representative samples)"
+        )
+    ct = coremltools_module()
+    inputs = tuple(_input_spec(name, x) for name, x in zip(input_names, example_inputs))
+    traced = _trace(module, example_inputs)
+    base_precision = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+    try:
+        mlmodel = ct.convert(
+            traced,
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, min_os),
+            inputs=[
+                ct.TensorType(name=s.name, shape=s.shape, dtype=np.float32 if s.dtype == "float32" else np.int32)
+                for s in inputs
+            ],
+            outputs=[ct.TensorType(name=name, dtype=np.float32) for name in output_names],
+            compute_precision=base_precision,
+        )
+    except Exception as exc:  # coremltools raises assorted types for ops it cannot convert
+        raise UsageError(f"coremltools cannot convert the model to Core ML: {_first_line(exc)}") from exc
+
+    float_name = "float32" if precision == "fp32" else "float16"
+    notes = [
+        f"torch.jit.trace + coremltools {ct.__version__} ML program for {min_os}; computes in {float_name}; "
+        "inputs and outputs float32"
+    ]
+    with tempfile.TemporaryDirectory(prefix="edgeship-coreml-") as tmp:
+        if precision == "w8a8":
+            assert calibration is not None
+            mlmodel, pairs = _quantize_activations(mlmodel, calibration, inputs, Path(tmp))
+            notes.append(
+                f"activations int8 at {pairs} quantize/dequantize pairs; ranges (min/max) from {len(calibration)} "
+                "calibration samples computed by the numpy reference evaluator (Core ML's own calibration needs macOS)"
+            )
+        if precision in _COMPRESSION_DESCRIPTIONS:
+            mlmodel = _compress_weights(mlmodel, precision)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        mlmodel.save(str(out))
+    program = load_program(out)
+    compressed, float_weights = _weights(program)
+    if precision in _COMPRESSION_DESCRIPTIONS:
+        notes.append(_compression_note(precision, compressed, float_weights, float_name))
+    unchecked = tuple(unsupported_ops(program))
+    if unchecked:
+        notes.append(f"ops {', '.join(unchecked)} are not checked here (no reference implementation); needs hardware")
+    outputs = tuple(_output_spec(name, var) for name, var in zip(output_names, main_function(program).outputs))
+    return CoreMLResult(
+        path=out,
+        precision=precision,
+        min_os=min_os,
+        inputs=inputs,
+        outputs=outputs,
+        weight_bytes=_weight_bytes(out),
+        weights_compressed=len(compressed),
+        weights_float=len(float_weights),
+        unchecked_ops=unchecked,
+        notes=tuple(notes),
+    )
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def _input_spec(name: str, example: Any) -> TensorSpec:
+    import torch
+
+    if not isinstance(example, torch.Tensor):
+        raise UsageError(f"example input {name!r} is a {type(example).__name__}, not a torch.Tensor")
+    if example.dtype.is_floating_point:
+        dtype = "float32"
+    elif example.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        dtype = "int32"  # Core ML has no int64 inputs; token ids travel as int32
+    else:
+        raise UsageError(f"example input {name!r} has dtype {example.dtype}; Core ML inputs are float or integer")
+    return TensorSpec(name, dtype, tuple(int(d) for d in example.shape))
+
+
+def _output_spec(name: str, var: Any) -> TensorSpec:
+    return TensorSpec(name, "float32", tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in var.shape))
+
+
+def _trace(module: Any, example_inputs: tuple[Any, ...]) -> Any:
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return torch.jit.trace(module, example_inputs)
+    except Exception as exc:  # torch raises assorted types for untraceable models
+        raise UsageError(f"torch.jit.trace cannot trace the model: {_first_line(exc)}") from exc
+    finally:
+        module.train(was_training)
+
+
+# ---------------------------------------------------------------------------- weight compression
+
+
+def _compress_weights(mlmodel: Any, precision: str) -> Any:
+    import coremltools.optimize.coreml as cto
+
+    # weight_threshold 0: small layers are compressed too (coremltools still skips 1-D tensors
+    # and tensors under 10 elements; _weights() counts what stayed float).
+    config: Any
+    if precision in ("int8-weight-only", "w8a8"):
+        config = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
+        )
+        apply = cto.linear_quantize_weights
+    elif precision == "int4-block":
+        config = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric",
+            dtype="int4",
+            granularity="per_block",
+            block_size=INT4_BLOCK_SIZE,
+            weight_threshold=0,
+        )
+        apply = cto.linear_quantize_weights
+    else:
+        config = cto.OpPalettizerConfig(mode="kmeans", nbits=4, weight_threshold=0)
+        apply = cto.palettize_weights
+    try:
+        return apply(mlmodel, cto.OptimizationConfig(global_config=config))
+    except Exception as exc:  # coremltools raises ValueError/AssertionError for weights it cannot compress
+        raise UsageError(f"coremltools cannot compress the weights to {precision}: {_first_line(exc)}") from exc
+
+
+def _weights(program: Any) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+    """(compressed weights, float weights) of a program's main function.
+
+    A weight is a constant of rank >= 2 that a compute op reads (biases and scalars are not
+    counted). Compressed: the output of a ``constexpr_*`` op that a compute op reads.
+    """
+    types = _types()
+    compressed: list[str] = []
+    floats: list[tuple[str, tuple[int, ...]]] = []
+    for op in main_function(program).operations:
+        out = op.outputs[0]
+        readers = [child.op_type for child in out.child_ops]
+        if not readers or all(r.startswith("constexpr_") for r in readers):
+            continue
+        if op.op_type.startswith("constexpr_"):
+            compressed.append(out.name)
+        elif (
+            op.op_type == "const"
+            and types.is_tensor(out.sym_type)
+            and types.is_float(out.dtype)
+            and out.rank >= 2
+            and int(np.prod(out.shape)) >= 10
+        ):
+            floats.append((out.name, tuple(int(d) for d in out.shape)))
+    return compressed, floats
+
+
+def _compression_note(
+    precision: str,
+    compressed: list[str],
+    floats: list[tuple[str, tuple[int, ...]]],
+    float_name: str,
+) -> str:
+    total = len(compressed) + len(floats)
+    note = f"{len(compressed)} of {total} weight tensors {_COMPRESSION_DESCRIPTIONS[precision]}"
+    if floats:
+        shown = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in floats[:4])
+        more = f" and {len(floats) - 4} more" if len(floats) > 4 else ""
+        reason = (
+            f"an input dimension not divisible into blocks of {INT4_BLOCK_SIZE}"
+            if precision == "int4-block"
+            else "coremltools could not compress them"
+        )
+        note += f"; {len(floats)} stayed {float_name} ({shown}{more}: {reason})"
+    return note
+
+
+def _weight_bytes(package: Path) -> int:
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
+    return sum(p.stat().st_size for p in weights.rglob("*") if p.is_file()) if weights.is_dir() else 0
+
+
+# ---------------------------------------------------------------------------- activation quantization
+
+
+def _quantize_activations(
+    mlmodel: Any, calibration: Calibration, inputs: tuple[TensorSpec, ...], tmp: Path
+) -> tuple[Any, int]:
+    """Insert int8 quantize/dequantize pairs with coremltools' passes, from activation ranges
+    the reference evaluator measured on ``calibration``. Returns the model and the number of pairs."""
+    import coremltools.optimize.coreml as cto
+    from coremltools import _SPECIFICATION_VERSION_IOS_17
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models import utils as model_utils
+    from coremltools.optimize.coreml.experimental._post_training_quantization import (
+        _adjust_concat_surrounding_activation_stats,
+    )
+
+    ct = coremltools_module()
+    fp_path = tmp / "float.mlpackage"
+    mlmodel.save(str(fp_path))
+    evaluator = ReferenceEvaluator(fp_path)
+    stats = activation_ranges(evaluator, calibration, inputs)
+    concat_groups = [
+        [v.name for v in op.inputs["values"]] + [op.outputs[0].name]
+        for op in main_function(evaluator.program).operations
+        if op.op_type == "concat"
+    ]
+    _adjust_concat_surrounding_activation_stats(concat_groups, stats)
+
+    config = cto.OptimizationConfig(
+        global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
+    )
+    passes = []
+    for name in ("insert_prefix_quantize_dequantize_pair", "insert_suffix_quantize_dequantize_pair"):
+        graph_pass = PASS_REGISTRY[f"compression::{name}"]
+        graph_pass.set_options([PassOption("config", config), PassOption("activation_stats", stats)])
+        passes.append(graph_pass)
+    passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
+    try:
+        quantized = model_utils._apply_graph_pass(
+            ct.models.MLModel(str(fp_path), skip_model_load=True),
+            passes,
+            spec_version=_SPECIFICATION_VERSION_IOS_17,
+            pymil_load_func=milproto.load,
+            skip_model_load=True,
+        )
+    except Exception as exc:  # the passes raise ValueError for patterns they cannot quantize
+        raise UsageError(f"coremltools cannot quantize the activations: {_first_line(exc)}") from exc
+    pairs = sum(1 for op in main_function(program_of(quantized)).operations if op.op_type == "quantize")
+    return quantized, pairs
+
+
+def activation_ranges(
+    evaluator: ReferenceEvaluator, calibration: Calibration, inputs: tuple[TensorSpec, ...]
+) -> dict[str, dict[str, float]]:
+    """``{tensor name: {"rmin": .., "rmax": ..}}`` over every calibration sample for every tensor the
+    program computes except its outputs (the format coremltools' activation passes read).
+
+    Raises ``UsageError`` for a sample with wrong names or shapes.
+    """
+    names = {s.name: s for s in inputs}
+    outputs = {o.name for o in evaluator.outputs}
+    stats: dict[str, dict[str, float]] = {}
+    for i, sample in enumerate(calibration):
+        if set(sample) != set(names):
+            raise UsageError(f"calibration sample {i} has inputs {sorted(sample)}; the model takes {sorted(names)}")
+        feeds = {}
+        for name, spec in names.items():
+            array = np.asarray(sample[name])
+            if tuple(array.shape) != spec.shape:
+                raise UsageError(
+                    f"calibration sample {i}, input {name!r} has shape {list(array.shape)}; the model takes "
+                    f"{list(spec.shape)} (pass one sample per dict)"
+                )
+            feeds[name] = array
+        for name, value in evaluator.run_intermediates(feeds).items():
+            if name in outputs or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
+                continue
+            lo, hi = float(np.min(value)), float(np.max(value))
+            entry = stats.setdefault(name, {"rmin": lo, "rmax": hi})
+            entry["rmin"], entry["rmax"] = min(entry["rmin"], lo), max(entry["rmax"], hi)
+    return stats
+
+
+def _types() -> Any:
+    coremltools_module()
+    from coremltools.converters.mil.mil import types
+
+    return types
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,203 @@
+"""TFLite emitter: litert-torch converts the PyTorch model, ai-edge-quantizer quantizes it.
+
+Precisions: ``fp32``; ``fp16`` (float16 weights); ``int8-dynamic`` (int8 weights, activations
+quantized at run time); ``int8-weight-only``; ``int8-static`` (full integer with int8 I/O; the
+runtime quantizes float inputs from the manifest, so callers still pass floats).
+
+Static calibration uses our own statistics: ai-edge-quantizer's default calibration averages
+per-batch min/max, which clips outputs (measured: max logit error 5.7 instead of 0.4). We
+run its calibrator with a global min/max update instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.compiler.data import Dataset
+from edgeship.compiler.emitters.base import Emitted
+from edgeship.compiler.source import SourceModel
+from edgeship.errors import UsageError
+from edgeship.runtime.package.manifest import Quantization, TensorSpec
+
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static")
+
+
+def emit(
+    source: SourceModel,
+    precision: str,
+    workdir: Path,
+    calibration: Dataset | None,
+    *,
+    max_op_versions: dict[str, int] | None = None,
+) -> Emitted:
+    """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"TFLite precisions are {', '.join(PRECISIONS)}; not {precision!r}")
+    if source.kind != "torch":
+        raise UsageError(
+            "TFLite artifacts are converted from PyTorch models; an ONNX source goes to onnx or tensorrt targets"
+        )
+    if precision == "int8-static" and calibration is None:
+        raise UsageError("int8-static needs calibration data (--calib); or choose int8-dynamic, which needs none")
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32 = workdir / "model_fp32.tflite"
+    _convert(source, fp32)
+    out = workdir / "model.tflite"
+    notes: list[str] = []
+    if precision == "fp32":
+        shutil.copyfile(fp32, out)
+        route = "litert-torch"
+    else:
+        route = "litert-torch + ai-edge-quantizer"
+        _quantize(fp32, out, precision, source, calibration, notes)
+    inputs, outputs = _io_specs(out, source)
+    weight_bytes = _weight_bytes(out)
+    if max_op_versions:
+        check_op_versions(out, max_op_versions)
+    return Emitted(
+        "tflite",
+        precision,
+        "model/model.tflite",
+        {"model/model.tflite": out},
+        inputs,
+        outputs,
+        weight_bytes,
+        route,
+        notes,
+    )
+
+
+def _convert(source: SourceModel, path: Path) -> None:
+    import litert_torch
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(source.example[t.name])) for t in source.inputs)
+    kwargs: dict[str, Any] = {}
+    if source.dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+    try:
+        litert_torch.convert(source.module, args, **kwargs).export(str(path))
+    except Exception as exc:
+        raise UsageError(_conversion_advice(exc, source.dynamic_batch)) from None
+
+
+def _conversion_advice(exc: Exception, dynamic: bool) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    for line in text:
+        if "not supported" in line.lower() or "unsupported" in line.lower() or "no lowering" in line.lower():
+            first = line.strip()
+            break
+    hint = ""
+    if dynamic and ("as_strided" in str(exc) or "adaptive" in str(exc).lower()):
+        hint = "; AdaptiveAvgPool2d cannot be converted with a dynamic batch: use x.mean((2, 3)) or a static batch"
+    return f"litert-torch cannot convert the model for TFLite: {first}{hint}; try the onnx target or replace the op"
+
+
+def _quantize(
+    fp32: Path, out: Path, precision: str, source: SourceModel, calibration: Dataset | None, notes: list[str]
+) -> None:
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
+
+    if precision == "fp16":
+        q = quantizer.Quantizer(str(fp32))
+        q.add_weight_only_config(
+            regex=".*",
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            num_bits=16,
+            algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
+        )
+        result = q.quantize(enable_progress_report=False)
+    elif precision == "int8-dynamic":
+        result = quantizer.Quantizer(str(fp32), recipe.dynamic_wi8_afp32()).quantize(enable_progress_report=False)
+    elif precision == "int8-weight-only":
+        result = quantizer.Quantizer(str(fp32), recipe.weight_only_wi8_afp32()).quantize(enable_progress_report=False)
+    else:
+        q = quantizer.Quantizer(str(fp32), recipe.static_wi8_ai8())
+        result = q.quantize(_global_minmax(q, fp32, source, calibration), enable_progress_report=False)
+        notes.append(f"activations calibrated on {len(calibration) if calibration else 0} samples with global min/max")
+    result.export_model(str(out), overwrite=True)
+
+
+def _global_minmax(q: Any, fp32: Path, source: SourceModel, calibration: Dataset | None) -> Any:
+    """Calibration statistics with a global min/max per tensor (ai-edge-quantizer's calibrator,
+    with its min/max update instead of the default moving average, which clips)."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import calibrator
+    from ai_edge_quantizer.utils import qsv_utils
+
+    assert calibration is not None
+    interp = Interpreter(model_path=str(fp32))
+    signature = next(iter(interp.get_signature_list()))
+    native = interp.get_signature_list()[signature]["inputs"]
+    batch = 1 if not source.dynamic_batch else 32
+    feeds = [{native[i]: feed[t.name] for i, t in enumerate(source.inputs)} for feed in calibration.batches(batch)]
+    calib = calibrator.Calibrator(q._float_model_buffer, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
+    calib.calibrate({signature: feeds}, q._recipe_manager)
+    return calib.get_model_qsvs()
+
+
+def _io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The artifact's I/O under the source's names (bound by position), with its dtypes and quantization."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    ins, outs = interp.get_input_details(), interp.get_output_details()
+
+    def spec(name: str, detail: dict[str, Any], shape: tuple[int | None, ...]) -> TensorSpec:
+        dtype = np.dtype(detail["dtype"]).name
+        params = detail.get("quantization_parameters", {})
+        scales = list(np.asarray(params.get("scales", [])).ravel())
+        quant = None
+        if dtype in ("int8", "uint8", "int16") and scales:
+            zeros = [int(z) for z in np.asarray(params["zero_points"]).ravel()]
+            axis = int(params.get("quantized_dimension", 0)) if len(scales) > 1 else None
+            quant = Quantization(tuple(float(s) for s in scales), tuple(zeros), axis)
+        return TensorSpec(name, dtype, shape, quant)
+
+    inputs = tuple(spec(t.name, d, t.shape) for t, d in zip(source.inputs, ins))
+    outputs = tuple(spec(t.name, d, t.shape) for t, d in zip(source.outputs, outs))
+    return inputs, outputs
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes of constant buffers (weights) in the flatbuffer."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(path.read_bytes(), 0)
+    return int(sum(model.Buffers(i).DataLength() for i in range(model.BuffersLength())))
+
+
+def op_versions(path: Path) -> dict[str, int]:
+    """Highest version of every builtin op the model uses, by op name."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = schema.Model.GetRootAsModel(path.read_bytes(), 0)
+    out: dict[str, int] = {}
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        op = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        name = names.get(op, f"OP_{op}")
+        out[name] = max(out.get(name, 0), code.Version())
+    return out
+
+
+def check_op_versions(path: Path, max_versions: dict[str, int]) -> None:
+    """Raise ``UsageError`` when the model needs an op version the target's runtime does not load."""
+    too_new = [
+        f"{op} v{v} (the runtime loads up to v{max_versions[op]})"
+        for op, v in sorted(op_versions(path).items())
+        if op in max_versions and v > max_versions[op]
+    ]
+    if too_new:
+        raise UsageError(
+            "the target's TFLite runtime cannot load this model: needs "
+            + ", ".join(too_new)
+            + "; choose another precision (fp32 or int8-weight-only) or a newer runtime"
+        )

@@ -1,0 +1,425 @@
+"""compile_model: source -> one validated, signed package per (target, precision).
+
+Every request is checked before any work starts (unknown target, a precision the target
+cannot run, a known runtime defect, data that does not fit the model, an unwritable output
+directory), so a bad request fails in a second with one line, and nothing is left in the
+output directory. Packages are written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgeship import __version__
+from edgeship import targets as target_profiles
+from edgeship.compiler import data as datasets
+from edgeship.compiler import report as reports
+from edgeship.compiler.emitters.base import Emitted
+from edgeship.compiler.recipe import Recipe
+from edgeship.compiler.source import SourceModel
+from edgeship.compiler.validate import Metrics, stage, validate
+from edgeship.errors import EdgeshipError, UsageError
+from edgeship.runtime.package import Manifest, Provenance, write_package
+from edgeship.runtime.stats import compute_baseline
+
+Progress = Callable[[str], None]
+DYNAMIC_INT8_QUIRK = "dynamic-int8-fc-per-channel-wrong"
+_TOOLS = ("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "onnx", "onnxruntime", "coremltools")
+
+
+@dataclass
+class VariantResult:
+    target: str
+    precision: str
+    format: str
+    route: str
+    package: Path | None
+    metrics: Metrics
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "precision": self.precision,
+            "format": self.format,
+            "route": self.route,
+            "package": str(self.package) if self.package else None,
+            "metrics": self.metrics.to_json(),
+            "notes": self.notes,
+            "error": self.error,
+        }
+
+
+@dataclass
+class CompileReport:
+    name: str
+    version: int
+    variants: list[VariantResult]
+    report_json: Path
+    report_html: Path
+
+    @property
+    def failed(self) -> list[VariantResult]:
+        return [v for v in self.variants if v.error is not None]
+
+
+def plan(
+    source: SourceModel, targets: Sequence[str], recipe: Recipe
+) -> list[tuple[target_profiles.TargetProfile, str]]:
+    """Resolve (target, precision) pairs; raise ``UsageError`` for anything that cannot be built."""
+    if not targets:
+        raise UsageError("name at least one target (--target); 'edgeship targets list' shows them")
+    unknown_in_recipe = sorted(set(recipe.variants) - set(targets))
+    if unknown_in_recipe:
+        raise UsageError(
+            f"the recipe lists variants for {', '.join(unknown_in_recipe)}, which is not among the --target values"
+        )
+    out = []
+    for name in targets:
+        try:
+            profile = target_profiles.get(name)
+        except target_profiles.UnknownTargetError as exc:
+            raise UsageError(str(exc)) from None
+        if source.kind == "onnx" and profile.format in ("tflite", "coreml"):
+            raise UsageError(
+                f"target {name} needs a {profile.format} artifact, which edgeship converts from PyTorch, not ONNX; "
+                "pass the PyTorch model (.pt2) or choose an onnx/tensorrt target"
+            )
+        if source.dynamic_batch and not profile.dynamic_batch:
+            raise UsageError(f"target {name} does not run a dynamic batch dimension; compile with a static batch")
+        for precision in recipe.variants.get(name, (profile.default_precision,)):
+            if precision == "int8-dynamic" and profile.has_quirk(DYNAMIC_INT8_QUIRK):
+                raise UsageError(
+                    f"target {name}: its runtime computes wrong results for dynamic-int8 fully-connected layers with "
+                    "per-channel weights (measured accuracy 0.108); use int8-weight-only or int8-static"
+                )
+            if precision not in profile.precisions:
+                raise UsageError(
+                    f"target {name} cannot run precision {precision!r}; it runs {', '.join(profile.precisions)}"
+                )
+            out.append((profile, precision))
+    return out
+
+
+def compile_model(
+    source: SourceModel,
+    targets: Sequence[str],
+    out_dir: str | Path,
+    signing_key: Ed25519PrivateKey,
+    *,
+    recipe: Recipe | None = None,
+    calibration: datasets.Dataset | None = None,
+    evaluation: datasets.Dataset | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> CompileReport:
+    """Compile ``source`` for every target and precision, validate each artifact, write signed packages.
+
+    Raises ``UsageError`` for a request that cannot be built (before any work starts). A variant
+    that fails while building (a converter error, an accuracy drop over the recipe's limit) is
+    reported in its ``VariantResult.error`` and gets no package; the others still do.
+    """
+    recipe = recipe or Recipe()
+    say = progress or (lambda _msg: None)
+    out = _writable(Path(out_dir))
+    variants = plan(source, targets, recipe)
+    name = name or recipe.name or "model"
+    calib = datasets.check_against(calibration, source.inputs, "calibration data") if calibration is not None else None
+    evaluation = (
+        datasets.check_against(evaluation, source.inputs, "evaluation data") if evaluation is not None else None
+    )
+    if calib is not None:
+        calib = calib.take(recipe.calibration_samples)
+    if evaluation is not None:
+        held_out = evaluation
+    elif calib is not None and len(calib) > 1:
+        calib, held_out = datasets.split(calib, recipe.held_out)
+    else:
+        held_out = datasets.Dataset({k: v for k, v in source.example.items()}, source="example inputs")
+    say(f"reference outputs of the fp32 source on {len(held_out)} held-out samples")
+    batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
+    reference = _reference(source, held_out, batch)
+    base_in = calib if calib is not None else held_out
+    baseline = compute_baseline(
+        {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(source, base_in, batch).items()}
+    )
+    tools = _tools()
+    results: list[VariantResult] = []
+    build_root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
+    try:
+        for profile, precision in variants:
+            say(f"{profile.name}: {profile.format} {precision}")
+            work = build_root / f"{profile.name}-{precision}"
+            try:
+                emitted = _emit(source, profile, precision, work / "artifact", calib, recipe)
+            except EdgeshipError as exc:
+                results.append(
+                    VariantResult(profile.name, precision, profile.format, "-", None, Metrics(0, None), error=str(exc))
+                )
+                continue
+            draft = Manifest(
+                name=name,
+                version=recipe.version,
+                label=recipe.label,
+                target=profile.name,
+                format=emitted.format,
+                precision=precision,
+                artifact_path=emitted.artifact,
+                inputs=emitted.inputs,
+                outputs=emitted.outputs,
+                files=(),
+                provenance=Provenance(tools=tools, recipe=_recipe_json(recipe), source_sha256=source.sha256),
+            )
+            say(f"{profile.name}: validating {precision} through the runtime")
+            root = stage(emitted, work / "stage")
+            metrics, golden, tolerance = validate(
+                emitted,
+                draft,
+                root,
+                source,
+                held_out,
+                reference,
+                golden_cases=recipe.golden_cases,
+                latency_runs=recipe.latency_runs,
+                backend=_validation_backend(profile.format),
+            )
+            notes = list(emitted.notes)
+            if profile.format == "tensorrt-onnx":
+                metrics.needs_hardware.append(
+                    "TensorRT engine build and numerics on the device; the Q/DQ graph's accuracy in ONNX Runtime "
+                    "says little about an engine (awaiting hardware)"
+                )
+            result = VariantResult(profile.name, precision, emitted.format, emitted.route, None, metrics, notes)
+            drop = metrics.accuracy_drop_points
+            if recipe.max_accuracy_drop is not None and drop is not None and drop > recipe.max_accuracy_drop:
+                result.error = (
+                    f"accuracy drops {drop:.2f} points, over the recipe's limit of {recipe.max_accuracy_drop}"
+                )
+                results.append(result)
+                continue
+            contents: dict[str, Any] = dict(emitted.files)
+            contents["baseline/stats.json"] = json.dumps(baseline).encode()
+            contents["report/report.json"] = json.dumps(
+                {
+                    "target": profile.name,
+                    "precision": precision,
+                    "route": emitted.route,
+                    "metrics": metrics.to_json(),
+                    "notes": notes,
+                },
+                indent=2,
+                default=str,
+            ).encode()
+            final = dataclasses.replace(
+                draft, golden=tolerance, baseline_path="baseline/stats.json", report_path="report/report.json"
+            )
+            if golden is not None:
+                contents["golden/vectors.npz"] = golden
+            package = out / f"{name}-{profile.name}-{precision}-v{recipe.version}.edgepkg"
+            say(f"{profile.name}: writing {package.name}")
+            write_package(package, final, contents, [signing_key])
+            result.package = package
+            results.append(result)
+    finally:
+        shutil.rmtree(build_root, ignore_errors=True)
+    report = {
+        "name": name,
+        "version": recipe.version,
+        "source_sha256": source.sha256,
+        "edgeship": __version__,
+        "tools": tools,
+        "calibration_samples": 0 if calib is None else len(calib),
+        "held_out_samples": len(held_out),
+        "variants": [r.to_json() for r in results],
+    }
+    json_path, html_path = out / f"{name}-v{recipe.version}-report.json", out / f"{name}-v{recipe.version}-report.html"
+    reports.write_json(json_path, report)
+    reports.write_html(html_path, report)
+    return CompileReport(name, recipe.version, results, json_path, html_path)
+
+
+def _emit(
+    source: SourceModel,
+    profile: target_profiles.TargetProfile,
+    precision: str,
+    work: Path,
+    calib: datasets.Dataset | None,
+    recipe: Recipe,
+) -> Emitted:
+    if profile.format == "tflite":
+        from edgeship.compiler.emitters import tflite
+
+        if recipe.quantize.any:
+            raise UsageError(
+                "quantize overrides (skip layers) apply to onnx and tensorrt targets; TFLite ignores none silently, so remove them for tflite targets"
+            )
+        return tflite.emit(source, precision, work, calib, max_op_versions=profile.max_op_versions or None)
+    if profile.format == "onnx":
+        from edgeship.compiler.emitters import onnx
+
+        nodes, types = _exclusions(source, recipe, work)
+        return onnx.emit(source, precision, work, calib, exclude_nodes=nodes, exclude_op_types=types)
+    if profile.format == "tensorrt-onnx":
+        return _emit_tensorrt(source, profile, precision, work, calib)
+    if profile.format == "coreml":
+        return _emit_coreml(source, profile, precision, work, calib)
+    raise UsageError(f"no emitter for format {profile.format!r}")
+
+
+def _exclusions(source: SourceModel, recipe: Recipe, work: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    rules = recipe.quantize
+    if not rules.any:
+        return (), ()
+    import onnx
+
+    from edgeship.compiler.emitters.onnx import export_fp32
+
+    work.mkdir(parents=True, exist_ok=True)
+    probe = work / "probe.onnx"
+    export_fp32(source, probe)
+    graph = onnx.load(str(probe)).graph
+    nodes = tuple(n.name for n in graph.node if rules.skipped(n.op_type, n.name))
+    types = tuple(sorted(t for t, r in rules.types.items() if r.skip))
+    return nodes, types
+
+
+def _emit_tensorrt(
+    source: SourceModel,
+    profile: target_profiles.TargetProfile,
+    precision: str,
+    work: Path,
+    calib: datasets.Dataset | None,
+) -> Emitted:
+    from edgeship.compiler.emitters import tensorrt
+    from edgeship.compiler.emitters.onnx import export_fp32
+    from edgeship.compiler.emitters.onnx_io import weight_bytes
+
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "model_fp32.onnx"
+    export_fp32(source, fp32)
+    batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
+    result = tensorrt.emit_tensorrt(
+        fp32,
+        work / "trt",
+        precision=precision,
+        calibration=None if calib is None else list(calib.batches(batch)),
+        min_tensorrt_version=profile.runtime_version,
+    )
+    files = {"model/model.onnx": result.onnx_path, "model/build_spec.json": result.build_spec_path}
+    data = result.onnx_path.with_name(result.onnx_path.name + ".data")
+    if data.is_file():
+        files[f"model/{data.name}"] = data
+    return Emitted(
+        "tensorrt-onnx",
+        precision,
+        "model/model.onnx",
+        files,
+        result.inputs,
+        result.outputs,
+        weight_bytes(result.onnx_path),
+        "torch.onnx + onnxruntime.quantization (symmetric Q/DQ)",
+        list(result.notes),
+    )
+
+
+def _emit_coreml(
+    source: SourceModel,
+    profile: target_profiles.TargetProfile,
+    precision: str,
+    work: Path,
+    calib: datasets.Dataset | None,
+) -> Emitted:
+    import torch
+
+    from edgeship.compiler import coreml
+
+    if source.kind != "torch":
+        raise UsageError("Core ML artifacts are converted from PyTorch models")
+    work.mkdir(parents=True, exist_ok=True)
+    coreml.register()
+    examples = tuple(torch.from_numpy(np.ascontiguousarray(source.example[t.name])) for t in source.inputs)
+    calibration = None if calib is None else list(calib.batches(1))
+    result = coreml.emit_coreml(
+        source.module,
+        examples,
+        [t.name for t in source.inputs],
+        [t.name for t in source.outputs],
+        precision,
+        profile.min_os or "iOS17",
+        work / "model.mlpackage",
+        calibration=calibration,
+    )
+    from edgeship.runtime.package import collect_directory
+
+    files = collect_directory(result.path, "model/model.mlpackage")
+    return Emitted(
+        "coreml",
+        precision,
+        "model/model.mlpackage",
+        files,
+        tuple(result.inputs),
+        tuple(result.outputs),
+        result.weight_bytes,
+        "coremltools",
+        list(result.notes),
+    )
+
+
+def _validation_backend(fmt: str) -> str:
+    # TensorRT Q/DQ graphs are checked in ONNX Runtime here; Core ML through the reference evaluator.
+    return {"tensorrt-onnx": "onnxruntime", "coreml": "coreml-reference"}.get(fmt, "auto")
+
+
+def _reference(source: SourceModel, data: datasets.Dataset, batch: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {t.name: [] for t in source.outputs}
+    for feed in data.batches(batch):
+        for k, v in source.reference(feed).items():
+            parts[k].append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _writable(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".edgeship-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output directory {out} is not writable: {exc.strerror}") from None
+    return out
+
+
+def _tools() -> dict[str, str]:
+    out = {"edgeship": __version__}
+    for dist in _TOOLS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _recipe_json(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "variants": {k: list(v) for k, v in recipe.variants.items()},
+        "calibration_samples": recipe.calibration_samples,
+        "held_out": recipe.held_out,
+        "golden_cases": recipe.golden_cases,
+        "max_accuracy_drop": recipe.max_accuracy_drop,
+        "quantize": {
+            "global": {"skip": recipe.quantize.global_rule.skip},
+            "types": {k: {"skip": v.skip} for k, v in recipe.quantize.types.items()},
+            "names": {k: {"skip": v.skip} for k, v in recipe.quantize.names.items()},
+        },
+    }

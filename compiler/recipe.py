@@ -1,0 +1,170 @@
+"""The compile recipe: typed, validated, loadable from YAML; a typo is an error that names the key.
+
+```yaml
+name: digits-cnn            # package name (default: the model file's stem)
+version: 4                  # package version, monotonic per (name, target)
+label: nightly              # optional
+variants:                   # per target, the precisions to emit (default: the target's default)
+  android-arm64: [fp32, int8-dynamic, int8-static]
+  linux-x86_64: [fp32, int8-dynamic]
+calibration:
+  samples: 256              # calibration samples used (taken from --calib)
+validation:
+  held_out: 128             # samples kept out of calibration to validate on
+  golden_cases: 8           # golden vectors written into each package
+  latency_runs: 50          # host latency runs per artifact
+  max_accuracy_drop: null   # points; a variant that drops more fails the compile
+quantize:                   # what stays in float: global -> per-op-type -> per-node-name, later wins
+  global: {skip: false}
+  types: {Gather: {skip: true}}
+  names: {"/classifier/Gemm": {skip: true}}
+```
+
+Op types and node names are the artifact's own (ONNX op types and node names for onnx and
+tensorrt targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import UsageError
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    skip: bool | None = None
+
+
+@dataclass(frozen=True)
+class QuantizeRules:
+    """Layer overrides resolved global -> per-op-type -> per-node-name."""
+
+    global_rule: LayerRule = LayerRule(skip=False)
+    types: dict[str, LayerRule] = field(default_factory=dict)
+    names: dict[str, LayerRule] = field(default_factory=dict)
+
+    def skipped(self, op_type: str, name: str) -> bool:
+        skip = bool(self.global_rule.skip)
+        for rule in (self.types.get(op_type), self.names.get(name)):
+            if rule is not None and rule.skip is not None:
+                skip = rule.skip
+        return skip
+
+    @property
+    def any(self) -> bool:
+        return bool(self.global_rule.skip) or bool(self.types) or bool(self.names)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str | None = None
+    version: int = 1
+    label: str | None = None
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    calibration_samples: int = 256
+    held_out: int = 128
+    golden_cases: int = 8
+    latency_runs: int = 50
+    max_accuracy_drop: float | None = None
+    quantize: QuantizeRules = QuantizeRules()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text("utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot read recipe {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data or {}, str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        """Validate and build; raises ``UsageError`` naming the first unknown key or bad value."""
+        top = _mapping(data, where, {"name", "version", "label", "variants", "calibration", "validation", "quantize"})
+        calibration = _mapping(top.get("calibration", {}), f"{where}: calibration", {"samples"})
+        validation = _mapping(
+            top.get("validation", {}),
+            f"{where}: validation",
+            {"held_out", "golden_cases", "latency_runs", "max_accuracy_drop"},
+        )
+        quantize = _mapping(top.get("quantize", {}), f"{where}: quantize", {"global", "types", "names"})
+        variants: dict[str, tuple[str, ...]] = {}
+        for target, precisions in _mapping(top.get("variants", {}), f"{where}: variants", None).items():
+            if isinstance(precisions, str):
+                precisions = [precisions]
+            if not isinstance(precisions, list) or not precisions or not all(isinstance(p, str) for p in precisions):
+                raise UsageError(f"{where}: variants.{target} must be a precision or a list of precisions")
+            variants[str(target)] = tuple(precisions)
+        return cls(
+            name=_opt(top, "name", str, where),
+            version=_int(top.get("version", 1), f"{where}: version", 1),
+            label=_opt(top, "label", str, where),
+            variants=variants,
+            calibration_samples=_int(calibration.get("samples", 256), f"{where}: calibration.samples", 1),
+            held_out=_int(validation.get("held_out", 128), f"{where}: validation.held_out", 1),
+            golden_cases=_int(validation.get("golden_cases", 8), f"{where}: validation.golden_cases", 1),
+            latency_runs=_int(validation.get("latency_runs", 50), f"{where}: validation.latency_runs", 1),
+            max_accuracy_drop=_float_or_none(
+                validation.get("max_accuracy_drop"), f"{where}: validation.max_accuracy_drop"
+            ),
+            quantize=QuantizeRules(
+                _rule(quantize.get("global", {"skip": False}), f"{where}: quantize.global"),
+                {
+                    str(k): _rule(v, f"{where}: quantize.types.{k}")
+                    for k, v in _mapping(quantize.get("types", {}), f"{where}: quantize.types", None).items()
+                },
+                {
+                    str(k): _rule(v, f"{where}: quantize.names.{k}")
+                    for k, v in _mapping(quantize.get("names", {}), f"{where}: quantize.names", None).items()
+                },
+            ),
+        )
+
+
+def _mapping(value: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a mapping, not {type(value).__name__}")
+    if allowed is not None:
+        unknown = sorted(set(map(str, value)) - allowed)
+        if unknown:
+            import difflib
+
+            guess = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else f" (known: {', '.join(sorted(allowed))})"
+            raise UsageError(f"{where}: unknown key {unknown[0]!r}{hint}")
+    return value
+
+
+def _rule(value: Any, where: str) -> LayerRule:
+    rule = _mapping(value, where, {"skip"})
+    skip = rule.get("skip")
+    if skip is not None and not isinstance(skip, bool):
+        raise UsageError(f"{where}.skip must be true or false")
+    return LayerRule(skip)
+
+
+def _int(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{where} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _float_or_none(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UsageError(f"{where} must be a number >= 0 or null, not {value!r}")
+    return float(value)
+
+
+def _opt(top: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = top.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise UsageError(f"{where}: {key} must be a {kind.__name__}")
+    return value

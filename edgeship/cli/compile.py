@@ -1,0 +1,118 @@
+"""``edgeship compile``: one validated, signed package per target, with a progress display and a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgeship.errors import UsageError
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def compile(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A torch.export program (.pt2) or an ONNX file (.onnx)."),
+    target: list[str] = typer.Option(
+        ..., "--target", "-t", metavar="NAME", help="Target profile; repeat for several (edgeship targets list)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Where packages and the report go."),
+    key: Path = typer.Option(..., "--key", "-k", metavar="KEY", help="Private signing key (edgeship keys generate)."),
+    recipe: Path | None = typer.Option(
+        None, "--recipe", "-r", metavar="recipe.yaml", help="Variants, calibration, validation, layer overrides."
+    ),
+    calib: Path | None = typer.Option(
+        None, "--calib", metavar="DATA", help="Calibration data: .npz or folder of .npy named after the inputs."
+    ),
+    eval_data: Path | None = typer.Option(
+        None, "--eval", metavar="DATA", help="Evaluation data (+ 'labels' array for accuracy)."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", metavar="NAME", help="Package name (default: recipe name, else the model file's stem)."
+    ),
+    dynamic_batch: bool = typer.Option(
+        False, "--dynamic-batch", help="Make the batch dimension dynamic where the target allows it."
+    ),
+    input_names: str | None = typer.Option(
+        None, "--input-names", metavar="A,B", help="Input names (default: the program's argument names)."
+    ),
+    output_names: str | None = typer.Option(
+        None, "--output-names", metavar="Y,Z", help="Output names (default: output, or output_0, output_1, ...)."
+    ),
+    passphrase_file: Path | None = typer.Option(
+        None, "--passphrase-file", metavar="FILE", help="Passphrase of an encrypted key."
+    ),
+) -> None:
+    """Compile MODEL for each --target; validate every artifact through the runtime; write signed packages."""
+    from edgeship.compiler import Recipe, compile_model, from_onnx, from_pt2, load_data
+    from edgeship.runtime.package import load_private_key
+
+    if not model.is_file():
+        raise UsageError(f"model {model} does not exist")
+    passphrase = None
+    if passphrase_file is not None:
+        passphrase = passphrase_file.read_text("utf-8").splitlines()[0].encode()
+    signing_key = load_private_key(key, passphrase)
+    the_recipe = Recipe.from_yaml(recipe) if recipe else Recipe()
+    with console.status("loading the model") as status:
+        if model.suffix == ".onnx":
+            source = from_onnx(model)
+        elif model.suffix in (".pt2", ".pt"):
+            names = {k: v.split(",") for k, v in (("input_names", input_names), ("output_names", output_names)) if v}
+            source = from_pt2(model, dynamic_batch=dynamic_batch, **names)
+        else:
+            raise UsageError(f"{model.name}: give a .pt2 (torch.export.save) or an .onnx file")
+        calibration = load_data(calib, "calibration data") if calib else None
+        evaluation = load_data(eval_data, "evaluation data") if eval_data else None
+        report = compile_model(
+            source,
+            target,
+            out,
+            signing_key,
+            recipe=the_recipe,
+            calibration=calibration,
+            evaluation=evaluation,
+            name=name or the_recipe.name or model.stem,
+            progress=lambda msg: status.update(msg),
+        )
+    table = Table(
+        "target",
+        "precision",
+        "backend",
+        "size KiB",
+        "accuracy",
+        "drop pts",
+        "cos min",
+        "latency ms",
+        "package",
+        title=f"{report.name} v{report.version}",
+        title_justify="left",
+    )
+    for v in report.variants:
+        m = v.metrics
+        table.add_row(
+            v.target,
+            v.precision,
+            m.backend or "-",
+            f"{m.size_bytes / 1024:.1f}" if m.size_bytes else "-",
+            _f(m.accuracy, 4),
+            _f(m.accuracy_drop_points, 2),
+            _f(m.cosine_min, 5),
+            _f(m.latency_median_ms, 3),
+            v.package.name if v.package else f"[red]failed: {v.error}[/]",
+        )
+    console.print(table)
+    for v in report.variants:
+        if v.package is not None:
+            console.print(f"wrote {v.package}")
+    console.print(f"report: {report.report_html}")
+    if report.failed:
+        raise UsageError(
+            f"{len(report.failed)} of {len(report.variants)} variants failed; see the table and the report"
+        )
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
