@@ -148,9 +148,15 @@ def compile_model(
         calib, held_out = datasets.split(calib, recipe.held_out)
     else:
         held_out = datasets.Dataset({k: v for k, v in source.example.items()}, source="example inputs")
-    say(f"reference outputs of the fp32 source on {len(held_out)} held-out samples")
     batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
-    reference = _reference(source, held_out, batch)
+    if held_out.reference:
+        missing = [t.name for t in source.outputs if t.name not in held_out.reference]
+        if missing:
+            raise UsageError(f"evaluation data has reference outputs but not for {', '.join(missing)}")
+        reference = {t.name: held_out.reference[t.name] for t in source.outputs}
+    else:
+        say(f"reference outputs of the fp32 source on {len(held_out)} held-out samples")
+        reference = _reference(source, held_out, batch)
     base_in = calib if calib is not None else held_out
     baseline = compute_baseline(
         {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(source, base_in, batch).items()}
@@ -231,6 +237,9 @@ def compile_model(
             say(f"{profile.name}: writing {package.name}")
             write_package(package, final, contents, [signing_key])
             result.package = package
+            if profile.runtime == "tflite-runtime" and golden is not None:
+                say(f"{profile.name}: checking {package.name} with tflite-runtime")
+                _check_with_tflite_runtime(result, signing_key, build_root)
             results.append(result)
     finally:
         shutil.rmtree(build_root, ignore_errors=True)
@@ -265,7 +274,9 @@ def _emit(
             raise UsageError(
                 "quantize overrides (skip layers) apply to onnx and tensorrt targets; TFLite ignores none silently, so remove them for tflite targets"
             )
-        return tflite.emit(source, precision, work, calib, max_op_versions=profile.max_op_versions or None)
+        return tflite.emit(
+            source, precision, work, calib, max_op_versions=profile.max_op_versions or None, target=profile.name
+        )
     if profile.format == "onnx":
         from edgeship.compiler.emitters import onnx
 
@@ -375,6 +386,65 @@ def _emit_coreml(
         "coremltools",
         list(result.notes),
     )
+
+
+_TFLITE_RUNTIME_CHECK = """
+import json, sys
+import edgeship.runtime as rt
+from edgeship.runtime.backends.litert import interpreter_module
+with rt.open(sys.argv[1], trusted_keys=[sys.argv[2]], threads=1, interpreter="tflite_runtime") as s:
+    g = s.check_golden()
+import tflite_runtime
+print(json.dumps({"passed": g.passed, "failures": list(g.failures), "version": tflite_runtime.__version__}))
+"""
+
+
+def tflite_runtime_python() -> Path | None:
+    """A Python that has tflite-runtime (and edgeship's base install): ``EDGESHIP_TFLITE_RUNTIME_PYTHON``,
+    else ``.venv-tflite`` in the working directory or beside the edgeship source tree."""
+    import os
+
+    env = os.environ.get("EDGESHIP_TFLITE_RUNTIME_PYTHON")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path.cwd() / ".venv-tflite/bin/python",
+        Path(__file__).resolve().parents[1] / ".venv-tflite/bin/python",
+    ]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _check_with_tflite_runtime(result: VariantResult, key: Ed25519PrivateKey, workdir: Path) -> None:
+    """Run the package's golden vectors in a tflite-runtime interpreter (a numpy-1 venv), by subprocess.
+
+    A failure removes the package: the device would compute something else than the host did."""
+    import subprocess
+
+    from edgeship.runtime.package.signing import public_key_pem
+
+    python = tflite_runtime_python()
+    assert result.package is not None
+    if python is None:
+        result.metrics.needs_hardware.append(
+            "golden vectors in tflite-runtime: no interpreter found (set EDGESHIP_TFLITE_RUNTIME_PYTHON)"
+        )
+        return
+    pub = workdir / "check.pub"
+    pub.write_bytes(public_key_pem(key.public_key()))
+    proc = subprocess.run(
+        [str(python), "-c", _TFLITE_RUNTIME_CHECK, str(result.package), str(pub)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = proc.stdout.strip().splitlines()
+    outcome = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    if outcome is not None and outcome["passed"]:
+        result.metrics.checked_here.append(f"golden vectors in tflite-runtime {outcome['version']} (subprocess)")
+        return
+    why = "; ".join(outcome["failures"][:2]) if outcome else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    result.error = f"tflite-runtime does not reproduce the golden vectors: {why}"
+    result.package.unlink(missing_ok=True)
+    result.package = None
 
 
 def _validation_backend(fmt: str) -> str:

@@ -330,3 +330,70 @@ def test_core_ml_variants_are_checked_by_the_reference_evaluator(source, digits,
 def test_core_ml_int4_before_ios18_is_refused(source, tmp_path):
     recipe = Recipe.from_dict({"variants": {"ios17": ["int4-block"]}})
     refused(source, tmp_path, "cannot run precision 'int4-block'", targets=("ios17",), recipe=recipe)
+
+
+def test_unsupported_operator_names_the_op_layer_target_and_a_fallback(tmp_path):
+    import torch
+
+    class Solver(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.linalg.inv(self.proj(x))
+
+    source = from_module(Solver(), np.random.default_rng(0).standard_normal((1, 4, 4)).astype(np.float32))
+    report = compile_model(source, ["android-arm64"], tmp_path / "d", KEY)
+    error = report.failed[0].error
+    assert "aten.linalg_inv_ex" in error and "android-arm64" in error and "choose an onnx target" in error
+    assert not list((tmp_path / "d").glob("*.edgepkg"))
+
+
+def test_dynamic_batch_compiles_for_onnx_runtime(digits, tmp_path):
+    source = from_module(
+        digits.model, digits.x_test[:2], input_names=["image"], output_names=["logits"], dynamic_batch=True
+    )
+    recipe = Recipe.from_dict({"variants": {"linux-x86_64": ["fp32"]}, "validation": {"latency_runs": 2}})
+    report = compile_model(
+        source,
+        ["linux-x86_64"],
+        tmp_path / "d",
+        KEY,
+        recipe=recipe,
+        evaluation=Dataset({"image": digits.x_test[:64]}, labels=digits.y_test[:64]),
+    )
+    assert not report.failed, report.failed[0].error
+    with rt.open(report.variants[0].package, trusted_keys=TRUSTED) as session:
+        assert session.inputs[0].shape == (None, 1, 8, 8)
+        assert session.run(digits.x_test[:17])["logits"].shape == (17, 10)
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parent.parent / ".venv-tflite/bin/python").exists(),
+    reason=".venv-tflite is missing: run 'make test', which creates it",
+)
+def test_tflite_runtime_214_variants_are_checked_in_that_runtime(source, digits, tmp_path):
+    recipe = Recipe.from_dict(
+        {"variants": {"tflite-runtime-2.14": ["fp32", "int8-static"]}, "validation": {"latency_runs": 2}}
+    )
+    report = compile_model(
+        source,
+        ["tflite-runtime-2.14"],
+        tmp_path / "d",
+        KEY,
+        recipe=recipe,
+        calibration=Dataset({"image": digits.x_train}),
+        evaluation=Dataset({"image": digits.x_test}, labels=digits.y_test),
+    )
+    assert not report.failed, [v.error for v in report.failed]
+    for variant in report.variants:
+        assert any("tflite-runtime 2.14.0 (subprocess)" in c for c in variant.metrics.checked_here), variant.metrics
+
+
+def test_evaluation_reference_outputs_replace_the_source(source, digits, tmp_path):
+    reference = source.reference({"image": digits.x_test[:40]})["logits"] + 1.0  # someone else's expected outputs
+    recipe = Recipe.from_dict({"variants": {"linux-x86_64": ["fp32"]}, "validation": {"latency_runs": 2}})
+    data = load_data({"image": digits.x_test[:40], "reference:logits": reference})
+    report = compile_model(source, ["linux-x86_64"], tmp_path / "d", KEY, recipe=recipe, evaluation=data)
+    assert report.variants[0].metrics.max_abs_error == pytest.approx(1.0, abs=1e-4)

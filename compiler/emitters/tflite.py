@@ -33,6 +33,7 @@ def emit(
     calibration: Dataset | None,
     *,
     max_op_versions: dict[str, int] | None = None,
+    target: str = "tflite",
 ) -> Emitted:
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
@@ -45,7 +46,7 @@ def emit(
         raise UsageError("int8-static needs calibration data (--calib); or choose int8-dynamic, which needs none")
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = workdir / "model_fp32.tflite"
-    _convert(source, fp32)
+    _convert(source, fp32, target)
     out = workdir / "model.tflite"
     notes: list[str] = []
     if precision == "fp32":
@@ -71,7 +72,7 @@ def emit(
     )
 
 
-def _convert(source: SourceModel, path: Path) -> None:
+def _convert(source: SourceModel, path: Path, target: str) -> None:
     import litert_torch
     import torch
 
@@ -83,7 +84,37 @@ def _convert(source: SourceModel, path: Path) -> None:
     try:
         litert_torch.convert(source.module, args, **kwargs).export(str(path))
     except Exception as exc:
+        unsupported = unsupported_ops(source.module, args)
+        if unsupported:
+            op, layer = unsupported[0]
+            more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+            raise UsageError(
+                f"op {op} in layer {layer!r} has no TFLite lowering in litert-torch{more}, so the model cannot be "
+                f"compiled for {target}; replace that layer with supported ops, or choose an onnx target "
+                "(ONNX Runtime) for this model"
+            ) from None
         raise UsageError(_conversion_advice(exc, source.dynamic_batch)) from None
+
+
+def unsupported_ops(module: Any, args: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """(ATen op, layer) pairs in the exported graph that litert-torch has no lowering for."""
+    import litert_torch.backend.lowerings  # noqa: F401 - registers the lowerings
+    import torch
+    from litert_torch.backend.lowerings import registry
+
+    try:
+        program = torch.export.export(module, args).run_decompositions()
+    except Exception:  # the model does not even export: the caller reports the converter's error
+        return []
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if registry.lookup(node.target) is None:
+            stack = node.meta.get("nn_module_stack") or {}
+            layer = list(stack.values())[-1][0] if stack else ""
+            found.append((str(node.target), layer or "(the model's forward)"))
+    return found
 
 
 def _conversion_advice(exc: Exception, dynamic: bool) -> str:
