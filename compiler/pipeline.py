@@ -8,12 +8,16 @@ output directory. Packages are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import logging
+import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from edgeship.errors import EdgeshipError, UsageError
 from edgeship.runtime.package import Manifest, Provenance, write_package
 from edgeship.runtime.stats import compute_baseline
 
+log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 DYNAMIC_INT8_QUIRK = "dynamic-int8-fc-per-channel-wrong"
 _TOOLS = ("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "onnx", "onnxruntime", "coremltools")
@@ -168,9 +173,17 @@ def compile_model(
         for profile, precision in variants:
             say(f"{profile.name}: {profile.format} {precision}")
             work = build_root / f"{profile.name}-{precision}"
+            work.mkdir(parents=True)
             try:
-                emitted = _emit(source, profile, precision, work / "artifact", calib, recipe)
-            except EdgeshipError as exc:
+                with converter_output(work / "convert.log"):
+                    emitted = _emit(source, profile, precision, work / "artifact", calib, recipe)
+            except Exception as exc:
+                if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
+                    log.debug("emitter crashed", exc_info=True)
+                    lines = str(exc).strip().splitlines()
+                    exc = UsageError(
+                        f"the {profile.format} converter failed: {type(exc).__name__}: {lines[0] if lines else ''}"
+                    )
                 results.append(
                     VariantResult(profile.name, precision, profile.format, "-", None, Metrics(0, None), error=str(exc))
                 )
@@ -190,17 +203,18 @@ def compile_model(
             )
             say(f"{profile.name}: validating {precision} through the runtime")
             root = stage(emitted, work / "stage")
-            metrics, golden, tolerance = validate(
-                emitted,
-                draft,
-                root,
-                source,
-                held_out,
-                reference,
-                golden_cases=recipe.golden_cases,
-                latency_runs=recipe.latency_runs,
-                backend=_validation_backend(profile.format),
-            )
+            with converter_output(work / "validate.log"):
+                metrics, golden, tolerance = validate(
+                    emitted,
+                    draft,
+                    root,
+                    source,
+                    held_out,
+                    reference,
+                    golden_cases=recipe.golden_cases,
+                    latency_runs=recipe.latency_runs,
+                    backend=_validation_backend(profile.format),
+                )
             notes = list(emitted.notes)
             if profile.format == "tensorrt-onnx":
                 metrics.needs_hardware.append(
@@ -445,6 +459,30 @@ def _check_with_tflite_runtime(result: VariantResult, key: Ed25519PrivateKey, wo
     result.error = f"tflite-runtime does not reproduce the golden vectors: {why}"
     result.package.unlink(missing_ok=True)
     result.package = None
+
+
+@contextlib.contextmanager
+def converter_output(path: Path) -> Iterator[None]:
+    """Send what converters print (progress lines, warnings, native logs) to ``path`` instead of the terminal.
+
+    Works on file descriptors 1 and 2, so native libraries' output is captured too. The CLI draws its
+    own progress on a duplicate of the terminal's descriptor taken before, so that stays visible.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _validation_backend(fmt: str) -> str:

@@ -234,14 +234,18 @@ def _trace(module: Any, example_inputs: tuple[Any, ...]) -> Any:
     import torch
 
     was_training = module.training
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError:  # a torch.export program's module has no train/eval modes
+        was_training = None
     try:
         with torch.no_grad():
             return torch.jit.trace(module, example_inputs)
     except Exception as exc:  # torch raises assorted types for untraceable models
         raise UsageError(f"torch.jit.trace cannot trace the model: {_first_line(exc)}") from exc
     finally:
-        module.train(was_training)
+        if was_training is not None:
+            module.train(was_training)
 
 
 # ---------------------------------------------------------------------------- weight compression

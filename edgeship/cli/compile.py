@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -10,7 +12,12 @@ from rich.table import Table
 
 from edgeship.errors import UsageError
 
-console = Console(highlight=False, soft_wrap=True)
+# The compiler sends converters' output (fd 1 and 2) to log files while it works; the progress display and
+# the summary go to duplicates of the terminal's descriptors taken here, so they stay visible.
+console = Console(
+    highlight=False, soft_wrap=True, file=os.fdopen(os.dup(1), "w"), width=None if sys.stdout.isatty() else 150
+)
+status_console = Console(highlight=False, file=os.fdopen(os.dup(2), "w"))
 
 
 def compile(
@@ -56,7 +63,7 @@ def compile(
         passphrase = passphrase_file.read_text("utf-8").splitlines()[0].encode()
     signing_key = load_private_key(key, passphrase)
     the_recipe = Recipe.from_yaml(recipe) if recipe else Recipe()
-    with console.status("loading the model") as status:
+    with status_console.status("loading the model") as status:
         if model.suffix == ".onnx":
             source = from_onnx(model)
         elif model.suffix in (".pt2", ".pt"):

@@ -1,0 +1,554 @@
+"""Mixed precision chosen by per-layer sensitivity: which layers to keep in float so that a
+quantized model stays within a cosine of its fp32 original.
+
+The search, for a list of candidate layers (ONNX node names, or TFLite op scopes):
+
+1. quantize everything; if the output cosine already meets the target, keep nothing in float;
+2. score each candidate by quantizing *only* that layer (all other candidates stay float) and
+   measuring ``1 - cosine`` against the fp32 outputs: one quantize-and-run per candidate;
+3. keep the highest-scoring candidates in float, searching for the smallest count that meets
+   the target (doubling, then bisecting; a few more runs), never more than
+   ``max_float_fraction`` of the candidates.
+
+So a search costs ``candidates + O(log candidates)`` quantize-and-run steps: for MiniLM (50 ONNX
+MatMul/Gather nodes, 37 TFLite weight ops) one to two minutes on two cores. Every cosine in
+a result was measured on the quantized model it describes, never extrapolated.
+
+Cosine is per sample (the sample's outputs flattened) and the figure a search compares with
+the target is the minimum over every sample of every feed: the worst sample, as the
+compiler's validation reports it (``cosine_min``).
+
+The quantizer is the caller's (a callable ``(fp32_path, out_path, keep_float) -> None``), so
+the emitters search with exactly the quantization they ship; ``OnnxQuantizer`` and
+``TFLiteQuantizer`` below reproduce the emitters' settings for callers that have none.
+ONNX names are graph node names; TFLite names are ai-edge-quantizer op *scopes* (the op's
+output tensor names joined by ``;``, with a trailing ``;``), which ``scope_regex`` turns into
+the anchored regular expressions ai-edge-quantizer recipes take.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.errors import UsageError
+
+Array = np.ndarray[Any, Any]
+Feed = Mapping[str, Array]
+#: ``quantize(fp32_path, out_path, keep_float)``: write the quantized model to ``out_path``,
+#: leaving the named layers (ONNX node names / TFLite op scopes) in float.
+Quantize = Callable[[Path, Path, list[str]], None]
+Reference = Sequence[Mapping[str, Array]] | Callable[[Feed], Mapping[str, Array]]
+
+#: ONNX op types the ONNX emitter quantizes (dynamic; static Q/DQ leaves Gather out).
+ONNX_DYNAMIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "Gather")
+ONNX_STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
+TFLITE_KINDS = ("int8-dynamic", "int8-weight-only", "int8-static")
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    """What a search found.
+
+    ``kept_float``: the layers to leave in float, most sensitive first (empty when quantizing
+    everything meets the target). ``cosine``: the worst per-sample cosine of the model
+    quantized with exactly ``kept_float`` in float. ``scores``: per candidate, ``1 - cosine``
+    when only that layer is quantized (higher is more sensitive). ``evaluations``: quantize-
+    and-run steps spent. ``reached``: whether ``cosine >= target``; when False, ``kept_float``
+    is the largest set allowed (``max_float_fraction``) and the target needs more float layers,
+    another quantization scheme or different data. ``all_quantized_cosine``: the cosine with
+    nothing kept in float.
+    """
+
+    kept_float: list[str]
+    cosine: float
+    scores: dict[str, float]
+    evaluations: int
+    target: float = 0.0
+    reached: bool = True
+    all_quantized_cosine: float = 0.0
+    candidates: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for a report: what stayed in float and what it reached."""
+        state = "reached" if self.reached else "NOT reached"
+        return (
+            f"kept {len(self.kept_float)}/{self.candidates} layers in float: cosine {self.all_quantized_cosine:.4f} "
+            f"-> {self.cosine:.4f} (target {self.target} {state}; {self.evaluations} quantize+run steps)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The search (independent of the format)
+# ---------------------------------------------------------------------------------------------
+
+
+def search(
+    candidates: Sequence[str],
+    evaluate: Callable[[list[str]], float],
+    target_cosine: float,
+    max_float_fraction: float = 0.25,
+) -> SensitivityResult:
+    """Greedy search over ``candidates`` with ``evaluate(keep_float) -> cosine``.
+
+    ``evaluate`` quantizes with ``keep_float`` left in float and returns the worst per-sample
+    cosine. Raises ``UsageError`` for an empty candidate list or a fraction outside (0, 1].
+    """
+    if not candidates:
+        raise UsageError("no quantizable layers to choose from: the model has none of the quantized op types")
+    if not 0 < max_float_fraction <= 1:
+        raise UsageError(f"max_float_fraction must be in (0, 1], not {max_float_fraction}")
+    names = list(dict.fromkeys(candidates))
+    runs = 0
+
+    def run(keep: list[str]) -> float:
+        nonlocal runs
+        runs += 1
+        return float(evaluate(keep))
+
+    base = run([])
+    if base >= target_cosine:
+        return SensitivityResult([], base, {}, runs, target_cosine, True, base, len(names))
+    scores: dict[str, float] = {}
+    for name in names:
+        scores[name] = 1.0 - run([n for n in names if n != name])
+    ranked = sorted(names, key=lambda n: scores[n], reverse=True)
+    limit = max(1, math.floor(max_float_fraction * len(names)))
+    measured: dict[int, float] = {0: base}
+
+    def at(k: int) -> float:
+        if k not in measured:
+            measured[k] = run(ranked[:k])
+        return measured[k]
+
+    # Doubling finds a k that meets the target (or the limit), bisection the smallest such k.
+    lo, hi = 0, 1
+    while hi < limit and at(hi) < target_cosine:
+        lo, hi = hi, min(2 * hi, limit)
+    if at(hi) < target_cosine:
+        return SensitivityResult(
+            ranked[:hi], at(hi), scores, runs, target_cosine, False, base, len(names),
+            [f"the target needs more than {limit} float layers (max_float_fraction {max_float_fraction})"],
+        )  # fmt: skip
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid) >= target_cosine:
+            hi = mid
+        else:
+            lo = mid
+    return SensitivityResult(ranked[:hi], at(hi), scores, runs, target_cosine, True, base, len(names))
+
+
+def cosines(outputs: Sequence[Mapping[str, Array]], reference: Sequence[Mapping[str, Array]]) -> Array:
+    """Per-sample cosine (each output's sample flattened) of every output named in ``reference``.
+
+    Both sides are lists of output dicts (one per feed, the batch axis first). Returns a flat
+    array of cosines; a sample whose outputs are both all zero counts as 1.
+    """
+    out = []
+    for got, want in zip(outputs, reference):
+        for name, ref in want.items():
+            a = np.asarray(got[name], np.float64)
+            b = np.asarray(ref, np.float64)
+            a, b = a.reshape(len(a), -1) if a.ndim > 1 else a[None], b.reshape(len(b), -1) if b.ndim > 1 else b[None]
+            for x, y in zip(a, b):
+                nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+                out.append(1.0 if nx == 0 and ny == 0 else float(x @ y / (nx * ny)) if nx and ny else 0.0)
+    return np.asarray(out)
+
+
+def _references(reference: Reference, feeds: Sequence[Feed]) -> list[Mapping[str, Array]]:
+    if callable(reference):
+        return [reference(feed) for feed in feeds]
+    refs = list(reference)
+    if len(refs) != len(feeds):
+        raise UsageError(f"{len(refs)} reference outputs for {len(feeds)} feeds; give one per feed")
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX (ONNX Runtime)
+# ---------------------------------------------------------------------------------------------
+
+
+def onnx_candidates(fp32_onnx: Path, op_types: Sequence[str] = ONNX_DYNAMIC_OP_TYPES) -> list[str]:
+    """Names of the graph's nodes of ``op_types``, in graph order (unnamed nodes cannot be excluded)."""
+    import onnx
+
+    model = onnx.load(str(fp32_onnx), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type in op_types and n.name]
+
+
+def onnx_float_nodes(
+    fp32_onnx: Path,
+    quantize: Quantize,
+    feeds: Sequence[Feed],
+    reference: Reference,
+    target_cosine: float,
+    max_float_fraction: float = 0.25,
+    *,
+    candidates: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> SensitivityResult:
+    """Choose the ONNX nodes to keep in float so the quantized model's worst per-sample cosine
+    against ``reference`` reaches ``target_cosine``.
+
+    ``quantize(fp32, out, keep_float)`` writes a quantized copy of ``fp32`` leaving the named
+    nodes in float (``OnnxQuantizer`` reproduces the ONNX emitter's). ``feeds``: input name ->
+    array, batch axis first, a few held-out samples (8-16 is plenty). ``reference``: the fp32
+    outputs, one dict per feed (output name -> array), or a callable computing them; only the
+    outputs it names are compared. ``candidates`` defaults to ``quantize.candidates(fp32)`` when
+    the quantizer has that method, else every MatMul/Gemm/Conv/Gather node. Runs in ONNX
+    Runtime on the CPU (``threads`` intra-op threads; default ORT's).
+
+    Raises ``UsageError`` when the model is missing or there is nothing to quantize.
+    """
+    import onnxruntime as ort
+
+    fp32_onnx = Path(fp32_onnx)
+    if not fp32_onnx.is_file():
+        raise UsageError(f"ONNX model {fp32_onnx} does not exist")
+    feeds = list(feeds)
+    refs = _references(reference, feeds)
+    names = _candidates(quantize, fp32_onnx, candidates, lambda p: onnx_candidates(p))
+    with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
+        out = Path(tmp) / "candidate.onnx"
+
+        def evaluate(keep: list[str]) -> float:
+            quantize(fp32_onnx, out, keep)
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+            wanted = list(refs[0])
+            got = [dict(zip(wanted, session.run(wanted, dict(feed)))) for feed in feeds]
+            return float(cosines(got, refs).min())
+
+        return search(names, evaluate, target_cosine, max_float_fraction)
+
+
+@dataclass
+class OnnxQuantizer:
+    """``onnxruntime.quantization`` with the ONNX emitter's settings, leaving named nodes in float.
+
+    ``precision`` ``"int8-dynamic"`` (per-channel int8 weights, dynamic activations; op types
+    Conv/MatMul/Gemm/Gather) or ``"int8-qdq"`` (static Q/DQ, int8 per-channel, MinMax; op types
+    Conv/MatMul/Gemm), which needs ``calibration`` feeds. Static calibration runs once: the
+    ranges are cached in a file next to the first output and reused for every later call.
+    ``exclude`` is always kept in float (the recipe's skip rules).
+    """
+
+    precision: str = "int8-dynamic"
+    calibration: Sequence[Feed] | None = None
+    exclude: Sequence[str] = ()
+    symmetric_activations: bool = False
+    _caches: dict[Path, Path] = field(default_factory=dict, repr=False)
+    _clean: dict[Path, Path] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8-dynamic", "int8-qdq"):
+            raise UsageError(f"OnnxQuantizer precisions are int8-dynamic and int8-qdq; not {self.precision!r}")
+        if self.precision == "int8-qdq" and not self.calibration:
+            raise UsageError("int8-qdq needs calibration feeds")
+
+    @property
+    def op_types(self) -> tuple[str, ...]:
+        return ONNX_DYNAMIC_OP_TYPES if self.precision == "int8-dynamic" else ONNX_STATIC_OP_TYPES
+
+    def candidates(self, fp32: Path) -> list[str]:
+        """The nodes this quantizer would quantize, less those always excluded."""
+        return [n for n in onnx_candidates(fp32, self.op_types) if n not in set(self.exclude)]
+
+    def __call__(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic
+
+        src = self._without_value_info(Path(fp32), Path(out).parent)
+        excluded = list(dict.fromkeys([*self.exclude, *keep_float]))
+        if self.precision == "int8-dynamic":
+            # quantize_dynamic first rewrites each Gemm into MatMul + Add named "<gemm>_MatMul" and
+            # "<gemm>_Add", then applies nodes_to_exclude: a Gemm's own name would match nothing.
+            excluded += [f"{name}_MatMul" for name in excluded]
+            quantize_dynamic(
+                str(src),
+                str(out),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=list(self.op_types),
+                nodes_to_exclude=excluded,
+            )
+            return
+        from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+        feeds = list(self.calibration or ())
+
+        class Reader(CalibrationDataReader):  # type: ignore[misc]
+            def __init__(self) -> None:
+                self._it = iter(feeds)
+
+            def get_next(self) -> dict[str, Any] | None:
+                feed = next(self._it, None)
+                return None if feed is None else dict(feed)
+
+        cache = self._caches.setdefault(Path(fp32), Path(out).parent / f"{Path(fp32).stem}.calibration.json")
+        quantize_static(
+            str(src),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=list(self.op_types),
+            nodes_to_exclude=excluded,
+            extra_options={"ActivationSymmetric": True} if self.symmetric_activations else None,
+            calibration_cache_path=cache,
+        )
+
+    def _without_value_info(self, fp32: Path, workdir: Path) -> Path:
+        # The dynamo exporter writes intermediate shapes that onnxruntime.quantization's shape
+        # inference contradicts and refuses (see the ONNX emitter); strip them once per model.
+        import onnx
+
+        clean = self._clean.get(fp32)
+        if clean is None or not clean.is_file():
+            model = onnx.load(str(fp32))
+            if not model.graph.value_info:
+                return fp32
+            del model.graph.value_info[:]
+            clean = workdir / f"{fp32.stem}.novi.onnx"
+            onnx.save(model, str(clean))
+            self._clean[fp32] = clean
+        return clean
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite (ai-edge-quantizer, LiteRT interpreter)
+# ---------------------------------------------------------------------------------------------
+
+#: TFLite ops that carry weights: the candidates when a quantizer cannot list its own.
+TFLITE_WEIGHT_OPS = (
+    "FULLY_CONNECTED",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "TRANSPOSE_CONV",
+    "BATCH_MATMUL",
+    "EMBEDDING_LOOKUP",
+    "CONV_3D",
+)
+
+
+def scope_regex(scope: str) -> str:
+    """The anchored regex that matches exactly one ai-edge-quantizer op scope."""
+    return "^" + re.escape(scope) + "$"
+
+
+def tflite_candidates(fp32_tflite: Path, aeq_recipe: Any | None = None) -> list[str]:
+    """Scopes of the ops ``aeq_recipe`` quantizes (an ai-edge-quantizer recipe; default the
+    dynamic int8 one), in graph order; without a recipe, ops of ``TFLITE_WEIGHT_OPS``."""
+    from ai_edge_quantizer import algorithm_manager, recipe_manager
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    model = fb.read_model(Path(fp32_tflite).read_bytes())
+    manager = None
+    if aeq_recipe is not None:
+        manager = recipe_manager.RecipeManager()
+        manager.load_quantization_recipe(aeq_recipe)
+    out: list[str] = []
+    for subgraph in model.subgraphs[:1]:
+        for op in subgraph.operators:
+            key = fb.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+            if key is None:
+                continue
+            scope = fb.get_op_scope(op, subgraph.tensors)
+            if manager is None:
+                if str(key.value if hasattr(key, "value") else key) in TFLITE_WEIGHT_OPS:
+                    out.append(scope)
+                continue
+            algorithm, _config = manager.get_quantization_configs(key, scope)
+            if algorithm != algorithm_manager.AlgorithmName.NO_QUANTIZE:
+                out.append(scope)
+    return list(dict.fromkeys(s for s in out if s))
+
+
+def tflite_float_ops(
+    fp32_tflite: Path,
+    quantize: Quantize,
+    feeds: Sequence[Feed],
+    reference: Reference,
+    target_cosine: float,
+    max_float_fraction: float = 0.25,
+    *,
+    candidates: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> SensitivityResult:
+    """Choose the TFLite ops (ai-edge-quantizer scopes) to keep in float so the quantized
+    model's worst per-sample cosine against ``reference`` reaches ``target_cosine``.
+
+    ``quantize(fp32, out, keep_float)`` writes the quantized model with the named scopes left
+    in float (``TFLiteQuantizer`` reproduces the TFLite emitter's). Feeds and outputs are bound
+    by position, as the TFLite emitter binds them: the i-th key of a feed is the model's i-th
+    signature input, the i-th key of a reference dict its i-th output. Float feeds to an int8
+    input are quantized with the input's scale; int8 outputs are dequantized. ``candidates``
+    defaults to ``quantize.candidates(fp32)`` when the quantizer has that method, else the ops
+    of ``TFLITE_WEIGHT_OPS``. Runs in ai-edge-litert (XNNPACK) with ``threads`` threads.
+
+    Raises ``UsageError`` when the model is missing or there is nothing to quantize.
+    """
+    fp32_tflite = Path(fp32_tflite)
+    if not fp32_tflite.is_file():
+        raise UsageError(f"TFLite model {fp32_tflite} does not exist")
+    feeds = list(feeds)
+    refs = _references(reference, feeds)
+    names = _candidates(quantize, fp32_tflite, candidates, lambda p: tflite_candidates(p))
+    with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
+        out = Path(tmp) / "candidate.tflite"
+
+        def evaluate(keep: list[str]) -> float:
+            quantize(fp32_tflite, out, keep)
+            run = tflite_runner(out, threads)
+            got = []
+            for feed, ref in zip(feeds, refs):
+                values = run(list(feed.values()))
+                got.append(dict(zip(ref, values)))
+            return float(cosines(got, refs).min())
+
+        return search(names, evaluate, target_cosine, max_float_fraction)
+
+
+def tflite_runner(path: Path, threads: int | None = None) -> Callable[[Sequence[Array]], list[Array]]:
+    """A function running the model's first signature on positional inputs, returning float
+    outputs in signature order (int8/int16 I/O quantized and dequantized with its parameters)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=threads or 1)
+    signature = next(iter(interp.get_signature_list()))
+    runner = interp.get_signature_runner(signature)
+    listed = interp.get_signature_list()[signature]
+    in_names, out_names = list(listed["inputs"]), list(listed["outputs"])
+    in_details, out_details = runner.get_input_details(), runner.get_output_details()
+
+    def run(values: Sequence[Array]) -> list[Array]:
+        if len(values) != len(in_names):
+            raise UsageError(f"the model has {len(in_names)} inputs; got {len(values)}")
+        kwargs = {name: _to_input(np.asarray(v), in_details[name]) for name, v in zip(in_names, values)}
+        result = runner(**kwargs)
+        return [_from_output(result[name], out_details[name]) for name in out_names]
+
+    return run
+
+
+def _to_input(value: Array, detail: Mapping[str, Any]) -> Array:
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = _quant_params(detail)
+    if dtype.kind in "iu" and value.dtype.kind == "f" and scale is not None:
+        info = np.iinfo(dtype)
+        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
+    return value.astype(dtype, copy=False)
+
+
+def _from_output(value: Array, detail: Mapping[str, Any]) -> Array:
+    scale, zero = _quant_params(detail)
+    if np.dtype(detail["dtype"]).kind in "iu" and scale is not None:
+        return (value.astype(np.float32) - zero) * scale
+    return np.asarray(value)
+
+
+def _quant_params(detail: Mapping[str, Any]) -> tuple[Any, Any]:
+    params = detail.get("quantization_parameters") or {}
+    scales = np.asarray(params.get("scales", []), np.float32)
+    if scales.size == 0:
+        return None, None
+    zeros = np.asarray(params.get("zero_points", np.zeros_like(scales)), np.float32)
+    return (scales[0], zeros[0]) if scales.size == 1 else (scales, zeros)
+
+
+@dataclass
+class TFLiteQuantizer:
+    """ai-edge-quantizer with the TFLite emitter's settings, leaving named op scopes in float.
+
+    ``precision``: ``"int8-dynamic"`` (``dynamic_wi8_afp32``), ``"int8-weight-only"``
+    (``weight_only_wi8_afp32``) or ``"int8-static"`` (``static_wi8_ai8`` calibrated on
+    ``calibration`` with a global min/max, once per fp32 model; feeds bound by position).
+    Every kept scope becomes a ``NO_QUANTIZE`` entry after the recipe's ``.*`` entry, which
+    ai-edge-quantizer lets win because the last matching scope does.
+    """
+
+    precision: str = "int8-dynamic"
+    calibration: Sequence[Feed] | None = None
+    _qsvs: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in TFLITE_KINDS:
+            raise UsageError(f"TFLiteQuantizer precisions are {', '.join(TFLITE_KINDS)}; not {self.precision!r}")
+        if self.precision == "int8-static" and not self.calibration:
+            raise UsageError("int8-static needs calibration feeds")
+
+    def recipe(self) -> Any:
+        from ai_edge_quantizer import recipe
+
+        return {
+            "int8-dynamic": recipe.dynamic_wi8_afp32,
+            "int8-weight-only": recipe.weight_only_wi8_afp32,
+            "int8-static": recipe.static_wi8_ai8,
+        }[self.precision]()
+
+    def candidates(self, fp32: Path) -> list[str]:
+        """Scopes of the ops this recipe quantizes."""
+        return tflite_candidates(fp32, self.recipe())
+
+    def __call__(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
+        from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
+
+        q = quantizer.Quantizer(str(fp32), self.recipe())
+        for scope in keep_float:
+            q.update_quantization_recipe(
+                regex=scope_regex(scope),
+                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
+            )
+        qsvs = self._calibrate(Path(fp32)) if self.precision == "int8-static" else None
+        result = q.quantize(qsvs, enable_progress_report=False)
+        result.export_model(str(out), overwrite=True)
+
+    def _calibrate(self, fp32: Path) -> Any:
+        # Global min/max: ai-edge-quantizer's default moving average clips (see the TFLite emitter).
+        # Calibrated with the full recipe, so every tensor has statistics whatever stays float.
+        if fp32 not in self._qsvs:
+            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_quantizer import calibrator, quantizer
+
+            q = quantizer.Quantizer(str(fp32), self.recipe())
+            from ai_edge_quantizer.utils import qsv_utils
+
+            interp = Interpreter(model_path=str(fp32))
+            signature = next(iter(interp.get_signature_list()))
+            native = interp.get_signature_list()[signature]["inputs"]
+            details = interp.get_signature_runner(signature).get_input_details()
+            data = [
+                {n: np.asarray(v).astype(details[n]["dtype"], copy=False) for n, v in zip(native, feed.values())}
+                for feed in self.calibration or ()
+            ]
+            calib = calibrator.Calibrator(
+                q._float_model_buffer, num_threads=1, qsv_update_func=qsv_utils.min_max_update
+            )
+            calib.calibrate({signature: data}, q._recipe_manager)
+            self._qsvs[fp32] = calib.get_model_qsvs()
+        return self._qsvs[fp32]
+
+
+def _candidates(
+    quantize: Quantize, model: Path, given: Sequence[str] | None, default: Callable[[Path], list[str]]
+) -> list[str]:
+    if given is not None:
+        return list(given)
+    lister = getattr(quantize, "candidates", None)
+    return list(lister(model)) if callable(lister) else default(model)
