@@ -17,7 +17,7 @@ from edgeship.compiler.data import Dataset
 from edgeship.compiler.data import load as load_data
 from edgeship.compiler.pipeline import CompileReport, VariantResult, compile_model, plan
 from edgeship.compiler.recipe import Recipe
-from edgeship.compiler.source import SourceModel, from_module, from_onnx, from_pt2
+from edgeship.compiler.source import SourceModel, from_keras, from_module, from_onnx, from_pt2
 
 __all__ = [
     "CompileReport",
@@ -26,6 +26,7 @@ __all__ = [
     "SourceModel",
     "VariantResult",
     "compile_model",
+    "from_keras",
     "from_module",
     "from_onnx",
     "from_pt2",

@@ -97,6 +97,10 @@ def plan(
             profile = target_profiles.get(name)
         except target_profiles.UnknownTargetError as exc:
             raise UsageError(str(exc)) from None
+        if source.kind == "keras" and profile.format != "tflite":
+            raise UsageError(
+                f"target {name} needs a {profile.format} artifact; Keras and SavedModel sources compile to TFLite targets only"
+            )
         if source.kind == "onnx" and profile.format in ("tflite", "coreml"):
             raise UsageError(
                 f"target {name} needs a {profile.format} artifact, which edgeship converts from PyTorch, not ONNX; "

@@ -35,13 +35,14 @@ _TORCH_DTYPES = {
 class SourceModel:
     """A model to compile. ``module`` for PyTorch sources, ``onnx_path`` for ONNX sources."""
 
-    kind: str  # "torch" or "onnx"
+    kind: str  # "torch", "onnx" or "keras" (a Keras model or a TensorFlow SavedModel)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     example: dict[str, Array]
     sha256: str
     module: Any = None
     onnx_path: Path | None = None
+    saved_model_dir: Path | None = None
     dynamic_batch: bool = False
 
     def reference(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
@@ -53,7 +54,16 @@ class SourceModel:
                 out = self.module(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.inputs))
             outs = out if isinstance(out, (tuple, list)) else (out,)
             return {t.name: o.detach().numpy() for t, o in zip(self.outputs, outs)}
+        if self.kind == "keras":
+            import tensorflow as tf
 
+            if self.saved_model_dir is not None:
+                result = self.module(**{t.name: tf.constant(feeds[t.name]) for t in self.inputs})
+                return {t.name: result[t.name].numpy() for t in self.outputs}
+            args = [feeds[t.name] for t in self.inputs]
+            out = self.module(args if len(args) > 1 else args[0], training=False)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            return {t.name: np.asarray(o) for t, o in zip(self.outputs, outs)}
         session = _ort_session(self.onnx_path)
         values = session.run([t.name for t in self.outputs], {t.name: feeds[t.name] for t in self.inputs})
         return dict(zip((t.name for t in self.outputs), values))
@@ -177,6 +187,77 @@ def from_onnx(path: Path) -> SourceModel:
         onnx_path=path,
         dynamic_batch=dynamic,
     )
+
+
+def from_keras(path: Path, *, dynamic_batch: bool = False) -> SourceModel:
+    """Load a Keras model (``.keras``/``.h5``) or a TensorFlow SavedModel directory (``tensorflow`` extra).
+
+    Such a source compiles to TFLite targets (tf.lite's converter); other formats are refused.
+    """
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise UsageError(
+            "Keras and SavedModel input needs the tensorflow extra: pip install 'edgeship[tensorflow]'"
+        ) from None
+
+    digest = hashlib.sha256()
+    saved: Path | None = None
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise UsageError(f"{path} is a directory without saved_model.pb: not a SavedModel")
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f.relative_to(path).as_posix().encode())
+            digest.update(f.read_bytes())
+        try:
+            signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        except Exception as exc:
+            raise UsageError(
+                f"{path}: cannot load the SavedModel's serving_default signature: {_first_line(exc)}"
+            ) from None
+        in_specs = signature.structured_input_signature[1]
+        inputs = tuple(_tf_spec(n, s, dynamic_batch) for n, s in sorted(in_specs.items()))
+        outputs = tuple(_tf_spec(n, s, dynamic_batch) for n, s in sorted(signature.structured_outputs.items()))
+        module: Any = signature
+        saved = path
+    else:
+        try:
+            module = tf.keras.models.load_model(str(path))
+        except Exception as exc:
+            raise UsageError(f"{path} is not a loadable Keras model: {_first_line(exc)}") from None
+        digest.update(path.read_bytes())
+        inputs = tuple(_tf_spec(t.name, t, dynamic_batch) for t in module.inputs)
+        outs = module.outputs
+        out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        outputs = tuple(_tf_spec(n, t, dynamic_batch) for n, t in zip(out_names, outs))
+    rng = np.random.default_rng(0)
+    example = {}
+    for t in inputs:
+        shape = tuple(1 if d is None else d for d in t.shape)
+        is_float = t.dtype.startswith("float")
+        example[t.name] = (
+            rng.standard_normal(shape).astype(DTYPES[t.dtype]) if is_float else np.zeros(shape, DTYPES[t.dtype])
+        )
+    return SourceModel(
+        "keras",
+        inputs,
+        outputs,
+        example,
+        digest.hexdigest(),
+        module=module,
+        saved_model_dir=saved,
+        dynamic_batch=dynamic_batch,
+    )
+
+
+def _tf_spec(name: str, tensor: Any, dynamic_batch: bool) -> TensorSpec:
+    dims = [None if d is None else int(d) for d in tensor.shape]
+    if dims and dims[0] is None and not dynamic_batch:
+        dims[0] = 1
+    dtype = getattr(tensor.dtype, "name", str(tensor.dtype))
+    if dtype not in DTYPES:
+        raise UsageError(f"tensor {name!r} has dtype {dtype}, which edgeship does not handle")
+    return TensorSpec(name, dtype, tuple(dims))
 
 
 def _spec(name: str, tensor: Any, dynamic_batch: bool) -> TensorSpec:

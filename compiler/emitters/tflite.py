@@ -38,9 +38,9 @@ def emit(
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
         raise UsageError(f"TFLite precisions are {', '.join(PRECISIONS)}; not {precision!r}")
-    if source.kind != "torch":
+    if source.kind == "onnx":
         raise UsageError(
-            "TFLite artifacts are converted from PyTorch models; an ONNX source goes to onnx or tensorrt targets"
+            "TFLite artifacts are converted from PyTorch or Keras models; an ONNX source goes to onnx or tensorrt targets"
         )
     if precision == "int8-static" and calibration is None:
         raise UsageError("int8-static needs calibration data (--calib); or choose int8-dynamic, which needs none")
@@ -73,6 +73,9 @@ def emit(
 
 
 def _convert(source: SourceModel, path: Path, target: str) -> None:
+    if source.kind == "keras":
+        _convert_tf(source, path)
+        return
     import litert_torch
     import torch
 
@@ -94,6 +97,23 @@ def _convert(source: SourceModel, path: Path, target: str) -> None:
                 "(ONNX Runtime) for this model"
             ) from None
         raise UsageError(_conversion_advice(exc, source.dynamic_batch)) from None
+
+
+def _convert_tf(source: SourceModel, path: Path) -> None:
+    """Keras model or SavedModel -> TFLite with TensorFlow's own converter (the tensorflow extra)."""
+    import tensorflow as tf
+
+    if source.saved_model_dir is not None:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
+    else:
+        converter = tf.lite.TFLiteConverter.from_keras_model(source.module)
+    try:
+        path.write_bytes(converter.convert())
+    except Exception as exc:
+        lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines() or [""]
+        raise UsageError(
+            f"tf.lite cannot convert the model: {lines[0].strip()}; the ops it names need TF Select or a replacement"
+        ) from None
 
 
 def unsupported_ops(module: Any, args: tuple[Any, ...]) -> list[tuple[str, str]]:

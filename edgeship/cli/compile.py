@@ -53,10 +53,10 @@ def compile(
     ),
 ) -> None:
     """Compile MODEL for each --target; validate every artifact through the runtime; write signed packages."""
-    from edgeship.compiler import Recipe, compile_model, from_onnx, from_pt2, load_data
+    from edgeship.compiler import Recipe, compile_model, from_keras, from_onnx, from_pt2, load_data
     from edgeship.runtime.package import load_private_key
 
-    if not model.is_file():
+    if not model.exists():
         raise UsageError(f"model {model} does not exist")
     passphrase = None
     if passphrase_file is not None:
@@ -66,11 +66,15 @@ def compile(
     with status_console.status("loading the model") as status:
         if model.suffix == ".onnx":
             source = from_onnx(model)
+        elif model.suffix in (".keras", ".h5") or (model / "saved_model.pb").is_file():
+            source = from_keras(model, dynamic_batch=dynamic_batch)
         elif model.suffix in (".pt2", ".pt"):
             names = {k: v.split(",") for k, v in (("input_names", input_names), ("output_names", output_names)) if v}
             source = from_pt2(model, dynamic_batch=dynamic_batch, **names)
         else:
-            raise UsageError(f"{model.name}: give a .pt2 (torch.export.save) or an .onnx file")
+            raise UsageError(
+                f"{model.name}: give a .pt2 (torch.export.save), an .onnx file, a .keras/.h5 model or a SavedModel directory"
+            )
         calibration = load_data(calib, "calibration data") if calib else None
         evaluation = load_data(eval_data, "evaluation data") if eval_data else None
         report = compile_model(
