@@ -293,7 +293,13 @@ def _emit(
                 "quantize overrides (skip layers) apply to onnx and tensorrt targets; TFLite ignores none silently, so remove them for tflite targets"
             )
         return tflite.emit(
-            source, precision, work, calib, max_op_versions=profile.max_op_versions or None, target=profile.name
+            source,
+            precision,
+            work,
+            calib,
+            max_op_versions=profile.max_op_versions or None,
+            target=profile.name,
+            static_io=recipe.tflite_static_io,
         )
     if profile.format == "onnx":
         from edgeship.compiler.emitters import onnx

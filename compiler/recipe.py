@@ -14,6 +14,8 @@ validation:
   golden_cases: 8           # golden vectors written into each package
   latency_runs: 50          # host latency runs per artifact
   max_accuracy_drop: null   # points; a variant that drops more fails the compile
+tflite:
+  static_io: int8           # int8-static artifacts take int8 (default) or float I/O
 quantize:                   # what stays in float: global -> per-op-type -> per-node-name, later wins
   global: {skip: false}
   types: {Gather: {skip: true}}
@@ -69,6 +71,7 @@ class Recipe:
     golden_cases: int = 8
     latency_runs: int = 50
     max_accuracy_drop: float | None = None
+    tflite_static_io: str = "int8"
     quantize: QuantizeRules = QuantizeRules()
 
     @classmethod
@@ -86,7 +89,13 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
         """Validate and build; raises ``UsageError`` naming the first unknown key or bad value."""
-        top = _mapping(data, where, {"name", "version", "label", "variants", "calibration", "validation", "quantize"})
+        top = _mapping(
+            data, where, {"name", "version", "label", "variants", "calibration", "validation", "quantize", "tflite"}
+        )
+        tflite = _mapping(top.get("tflite", {}), f"{where}: tflite", {"static_io"})
+        static_io = tflite.get("static_io", "int8")
+        if static_io not in ("int8", "float"):
+            raise UsageError(f"{where}: tflite.static_io must be int8 or float, not {static_io!r}")
         calibration = _mapping(top.get("calibration", {}), f"{where}: calibration", {"samples"})
         validation = _mapping(
             top.get("validation", {}),
@@ -113,6 +122,7 @@ class Recipe:
             max_accuracy_drop=_float_or_none(
                 validation.get("max_accuracy_drop"), f"{where}: validation.max_accuracy_drop"
             ),
+            tflite_static_io=static_io,
             quantize=QuantizeRules(
                 _rule(quantize.get("global", {"skip": False}), f"{where}: quantize.global"),
                 {

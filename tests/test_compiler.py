@@ -397,3 +397,28 @@ def test_evaluation_reference_outputs_replace_the_source(source, digits, tmp_pat
     data = load_data({"image": digits.x_test[:40], "reference:logits": reference})
     report = compile_model(source, ["linux-x86_64"], tmp_path / "d", KEY, recipe=recipe, evaluation=data)
     assert report.variants[0].metrics.max_abs_error == pytest.approx(1.0, abs=1e-4)
+
+
+def test_static_int8_tflite_with_float_io(source, digits, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "variants": {"android-arm64": ["int8-static"]},
+            "tflite": {"static_io": "float"},
+            "validation": {"latency_runs": 2},
+        }
+    )
+    report = compile_model(
+        source,
+        ["android-arm64"],
+        tmp_path / "d",
+        KEY,
+        recipe=recipe,
+        calibration=Dataset({"image": digits.x_train}),
+        evaluation=Dataset({"image": digits.x_test}, labels=digits.y_test),
+    )
+    variant = report.variants[0]
+    assert variant.error is None and variant.metrics.accuracy_drop_points <= 1.0
+    manifest = verify_package(variant.package, trusted_keys=TRUSTED).manifest
+    assert manifest.inputs[0].dtype == "float32" and manifest.outputs[0].dtype == "float32"
+    with rt.open(variant.package, trusted_keys=TRUSTED, raw=True) as session:
+        assert session.inputs[0].dtype == np.float32 and session.check_golden().passed

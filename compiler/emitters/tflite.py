@@ -34,6 +34,7 @@ def emit(
     *,
     max_op_versions: dict[str, int] | None = None,
     target: str = "tflite",
+    static_io: str = "int8",
 ) -> Emitted:
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
@@ -55,6 +56,11 @@ def emit(
     else:
         route = "litert-torch + ai-edge-quantizer"
         _quantize(fp32, out, precision, source, calibration, notes)
+        if precision == "int8-static" and static_io == "float":
+            from edgeship.compiler.emitters.tflite_io import float_io
+
+            out.write_bytes(float_io(out.read_bytes()))
+            notes.append("float32 I/O: QUANTIZE/DEQUANTIZE ops at the model's edges")
     inputs, outputs = _io_specs(out, source)
     weight_bytes = _weight_bytes(out)
     if max_op_versions:
