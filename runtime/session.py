@@ -27,8 +27,9 @@ from edgeship.runtime.backends.base import BackendOptions, LoadedModel, TensorIn
 from edgeship.runtime.backends.registry import select
 from edgeship.runtime.golden import GoldenResult, compare, load_golden
 from edgeship.runtime.io_plan import DTYPES, InputPlan, caller_dtype_name, input_plan, output_plan
+from edgeship.runtime.package.directory import verify_directory
 from edgeship.runtime.package.manifest import Manifest, TensorSpec
-from edgeship.runtime.package.reader import unpack_package, verify_directory
+from edgeship.runtime.package.reader import unpack_package
 from edgeship.runtime.package.signing import TrustedKeys, load_public_key
 from edgeship.runtime.package.verify import DEFAULT_LIMITS, Limits, VerifiedManifest
 from edgeship.runtime.stats import (

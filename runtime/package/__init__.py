@@ -1,5 +1,6 @@
 """The edgeship model package (``.edgepkg``): a signed, verifiable tar. See docs/package-format.md."""
 
+from edgeship.runtime.package.directory import verify_directory
 from edgeship.runtime.package.manifest import (
     FORMATS,
     SCHEMA_VERSION,
@@ -12,7 +13,7 @@ from edgeship.runtime.package.manifest import (
     TensorSpec,
     manifest_schema,
 )
-from edgeship.runtime.package.reader import read_manifest, unpack_package, verify_directory, verify_package
+from edgeship.runtime.package.reader import read_manifest, unpack_package, verify_package
 from edgeship.runtime.package.signing import (
     TrustedKeys,
     generate_key,
