@@ -223,11 +223,16 @@ def _io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], 
 
 
 def _weight_bytes(path: Path) -> int:
-    """Bytes of constant buffers (weights) in the flatbuffer."""
+    """Bytes of constant buffers (weights): inline data, or data kept after the flatbuffer
+    (``offset``/``size``, as ai-edge-quantizer writes quantized models)."""
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.Model.GetRootAsModel(path.read_bytes(), 0)
-    return int(sum(model.Buffers(i).DataLength() for i in range(model.BuffersLength())))
+    total = 0
+    for i in range(model.BuffersLength()):
+        buffer = model.Buffers(i)
+        total += buffer.DataLength() or (buffer.Size() if buffer.Offset() > 1 else 0)
+    return int(total)
 
 
 def op_versions(path: Path) -> dict[str, int]:
