@@ -300,12 +300,23 @@ def _emit(
             max_op_versions=profile.max_op_versions or None,
             target=profile.name,
             static_io=recipe.tflite_static_io,
+            min_cosine=recipe.quantize.min_cosine,
+            max_float_fraction=recipe.quantize.max_float_fraction,
         )
     if profile.format == "onnx":
         from edgeship.compiler.emitters import onnx
 
         nodes, types = _exclusions(source, recipe, work)
-        return onnx.emit(source, precision, work, calib, exclude_nodes=nodes, exclude_op_types=types)
+        return onnx.emit(
+            source,
+            precision,
+            work,
+            calib,
+            exclude_nodes=nodes,
+            exclude_op_types=types,
+            min_cosine=recipe.quantize.min_cosine,
+            max_float_fraction=recipe.quantize.max_float_fraction,
+        )
     if profile.format == "tensorrt-onnx":
         return _emit_tensorrt(source, profile, precision, work, calib)
     if profile.format == "coreml":
@@ -364,7 +375,9 @@ def _emit_tensorrt(
         result.inputs,
         result.outputs,
         weight_bytes(result.onnx_path),
-        "torch.onnx + onnxruntime.quantization (symmetric Q/DQ)",
+        "torch.onnx + onnxruntime.quantization (symmetric Q/DQ)"
+        if precision == "int8-qdq"
+        else "torch.onnx (fp16 built on the device)",
         list(result.notes),
     )
 

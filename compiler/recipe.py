@@ -17,6 +17,8 @@ validation:
 tflite:
   static_io: int8           # int8-static artifacts take int8 (default) or float I/O
 quantize:                   # what stays in float: global -> per-op-type -> per-node-name, later wins
+  min_cosine: 0.995         # optional: keep the most sensitive layers in float until the worst
+  max_float_fraction: 0.25  #   calibration sample reaches this cosine to fp32 (at most this share of layers)
   global: {skip: false}
   types: {Gather: {skip: true}}
   names: {"/classifier/Gemm": {skip: true}}
@@ -45,6 +47,8 @@ class QuantizeRules:
     """Layer overrides resolved global -> per-op-type -> per-node-name."""
 
     global_rule: LayerRule = LayerRule(skip=False)
+    min_cosine: float | None = None
+    max_float_fraction: float = 0.25
     types: dict[str, LayerRule] = field(default_factory=dict)
     names: dict[str, LayerRule] = field(default_factory=dict)
 
@@ -102,7 +106,15 @@ class Recipe:
             f"{where}: validation",
             {"held_out", "golden_cases", "latency_runs", "max_accuracy_drop"},
         )
-        quantize = _mapping(top.get("quantize", {}), f"{where}: quantize", {"global", "types", "names"})
+        quantize = _mapping(
+            top.get("quantize", {}),
+            f"{where}: quantize",
+            {"global", "types", "names", "min_cosine", "max_float_fraction"},
+        )
+        min_cosine = _float_or_none(quantize.get("min_cosine"), f"{where}: quantize.min_cosine")
+        fraction = _float_or_none(quantize.get("max_float_fraction", 0.25), f"{where}: quantize.max_float_fraction")
+        if (min_cosine is not None and min_cosine > 1) or fraction is None or fraction > 1:
+            raise UsageError(f"{where}: quantize.min_cosine and quantize.max_float_fraction are numbers in 0..1")
         variants: dict[str, tuple[str, ...]] = {}
         for target, precisions in _mapping(top.get("variants", {}), f"{where}: variants", None).items():
             if isinstance(precisions, str):
@@ -125,6 +137,8 @@ class Recipe:
             tflite_static_io=static_io,
             quantize=QuantizeRules(
                 _rule(quantize.get("global", {"skip": False}), f"{where}: quantize.global"),
+                min_cosine,
+                fraction,
                 {
                     str(k): _rule(v, f"{where}: quantize.types.{k}")
                     for k, v in _mapping(quantize.get("types", {}), f"{where}: quantize.types", None).items()

@@ -422,3 +422,28 @@ def test_static_int8_tflite_with_float_io(source, digits, tmp_path):
     assert manifest.inputs[0].dtype == "float32" and manifest.outputs[0].dtype == "float32"
     with rt.open(variant.package, trusted_keys=TRUSTED, raw=True) as session:
         assert session.inputs[0].dtype == np.float32 and session.check_golden().passed
+
+
+def test_min_cosine_keeps_the_most_sensitive_layers_in_float(source, digits, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "variants": {"linux-x86_64": ["int8-dynamic"], "android-arm64": ["int8-dynamic"]},
+            "quantize": {"min_cosine": 0.99999, "max_float_fraction": 0.5},
+            "validation": {"latency_runs": 2},
+        }
+    )
+    report = compile_model(
+        source,
+        ["linux-x86_64", "android-arm64"],
+        tmp_path / "d",
+        KEY,
+        recipe=recipe,
+        calibration=Dataset({"image": digits.x_train[:64]}),
+        evaluation=Dataset({"image": digits.x_test}, labels=digits.y_test),
+    )
+    assert not report.failed, [v.error for v in report.failed]
+    for variant in report.variants:
+        assert variant.route.endswith("sensitivity")
+        assert any("kept in float by sensitivity" in n for n in variant.notes), variant.notes
+        with rt.open(variant.package, trusted_keys=TRUSTED) as session:
+            assert session.check_golden().passed

@@ -62,6 +62,8 @@ def emit(
     *,
     exclude_nodes: tuple[str, ...] = (),
     exclude_op_types: tuple[str, ...] = (),
+    min_cosine: float | None = None,
+    max_float_fraction: float = 0.25,
 ) -> Emitted:
     """Write ``model.onnx`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
@@ -88,6 +90,33 @@ def emit(
 
         _drop_value_info(fp32)
         route += " + onnxruntime.quantization"
+        if min_cosine is not None:
+            _mixed_precision(
+                source,
+                precision,
+                fp32,
+                out,
+                calibration,
+                exclude_nodes,
+                exclude_op_types,
+                min_cosine,
+                max_float_fraction,
+                notes,
+            )
+            from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes
+
+            inputs, outputs = io_specs(out, source)
+            return Emitted(
+                "onnx",
+                precision,
+                "model/model.onnx",
+                {"model/model.onnx": out},
+                inputs,
+                outputs,
+                weight_bytes(out),
+                route + " + sensitivity",
+                notes,
+            )
         op_types = [t for t in ("Conv", "MatMul", "Gemm", "Gather") if t not in exclude_op_types]
         if precision == "int8-dynamic":
             quantize_dynamic(
@@ -96,7 +125,8 @@ def emit(
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 op_types_to_quantize=op_types,
-                nodes_to_exclude=list(exclude_nodes),
+                # quantize_dynamic rewrites a Gemm into <name>_MatMul before it applies exclusions
+                nodes_to_exclude=[*exclude_nodes, *(f"{n}_MatMul" for n in exclude_nodes)],
             )
             notes.append("int8 per-channel weights; activations quantized at run time")
         else:
@@ -117,6 +147,34 @@ def emit(
         route,
         notes,
     )
+
+
+def _mixed_precision(
+    source: SourceModel,
+    precision: str,
+    fp32: Path,
+    out: Path,
+    calibration: Dataset | None,
+    exclude_nodes: tuple[str, ...],
+    exclude_op_types: tuple[str, ...],
+    min_cosine: float,
+    fraction: float,
+    notes: list[str],
+) -> None:
+    """Quantize, keeping the most sensitive nodes in float until the worst sample's cosine reaches ``min_cosine``."""
+    from edgeship.compiler import sensitivity
+
+    batch = 1 if not source.dynamic_batch else 32
+    feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
+    quantizer = sensitivity.OnnxQuantizer(
+        precision,
+        calibration=feeds if precision == "int8-qdq" else None,
+        exclude=exclude_nodes,
+        exclude_op_types=exclude_op_types,
+    )
+    found = sensitivity.onnx_float_nodes(fp32, quantizer, feeds, source.reference, min_cosine, fraction)
+    quantizer(fp32, out, found.kept_float)
+    notes += [found.summary(), f"kept in float by sensitivity: {list(found.kept_float)}"]
 
 
 def _drop_value_info(path: Path) -> None:

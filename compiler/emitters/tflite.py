@@ -35,6 +35,8 @@ def emit(
     max_op_versions: dict[str, int] | None = None,
     target: str = "tflite",
     static_io: str = "int8",
+    min_cosine: float | None = None,
+    max_float_fraction: float = 0.25,
 ) -> Emitted:
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
@@ -55,7 +57,11 @@ def emit(
         route = "litert-torch"
     else:
         route = "litert-torch + ai-edge-quantizer"
-        _quantize(fp32, out, precision, source, calibration, notes)
+        if min_cosine is not None and precision.startswith("int8"):
+            _mixed_precision(fp32, out, precision, source, calibration, min_cosine, max_float_fraction, notes)
+            route += " + sensitivity"
+        else:
+            _quantize(fp32, out, precision, source, calibration, notes)
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
 
@@ -181,6 +187,27 @@ def _quantize(
     result.export_model(str(out), overwrite=True)
 
 
+def _mixed_precision(
+    fp32: Path,
+    out: Path,
+    precision: str,
+    source: SourceModel,
+    calibration: Dataset | None,
+    min_cosine: float,
+    fraction: float,
+    notes: list[str],
+) -> None:
+    """Quantize, keeping the most sensitive op scopes in float until the worst sample reaches ``min_cosine``."""
+    from edgeship.compiler import sensitivity
+
+    batch = 1 if not source.dynamic_batch else 32
+    feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
+    quantizer = sensitivity.TFLiteQuantizer(precision, calibration=feeds if precision == "int8-static" else None)
+    found = sensitivity.tflite_float_ops(fp32, quantizer, feeds, source.reference, min_cosine, fraction)
+    quantizer(fp32, out, found.kept_float)
+    notes += [found.summary(), f"kept in float by sensitivity (op scopes): {list(found.kept_float)}"]
+
+
 def _global_minmax(q: Any, fp32: Path, source: SourceModel, calibration: Dataset | None) -> Any:
     """Calibration statistics with a global min/max per tensor (ai-edge-quantizer's calibrator,
     with its min/max update instead of the default moving average, which clips)."""
@@ -193,7 +220,13 @@ def _global_minmax(q: Any, fp32: Path, source: SourceModel, calibration: Dataset
     signature = next(iter(interp.get_signature_list()))
     native = interp.get_signature_list()[signature]["inputs"]
     batch = 1 if not source.dynamic_batch else 32
-    feeds = [{native[i]: feed[t.name] for i, t in enumerate(source.inputs)} for feed in calibration.batches(batch)]
+    # litert-torch turns int64 inputs (token ids) into int32 ones: feed the interpreter's own dtypes.
+    details = interp.get_signature_runner(signature).get_input_details()
+    dtypes = [np.dtype(details[name]["dtype"]) for name in native]
+    feeds = [
+        {native[i]: np.asarray(feed[t.name]).astype(dtypes[i], copy=False) for i, t in enumerate(source.inputs)}
+        for feed in calibration.batches(batch)
+    ]
     calib = calibrator.Calibrator(q._float_model_buffer, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
     calib.calibrate({signature: feeds}, q._recipe_manager)
     return calib.get_model_qsvs()

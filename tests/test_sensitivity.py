@@ -1,0 +1,238 @@
+"""Mixed precision by per-layer sensitivity: the search keeps the layer that int8 breaks in float.
+
+The model is a small MLP whose middle layer reads an activation with one channel 1000x larger
+than the others (the first layer's row scaled up, the middle layer's column scaled down, so
+the float function is unchanged). Int8 with a per-tensor activation scale then wipes out the
+other 31 channels of that layer's input, so quantizing the middle layer alone ruins the output
+while the other two quantize harmlessly: a search that does not keep exactly that layer in
+float, or that claims a cosine it did not measure, fails here. Real ONNX Runtime and LiteRT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.compiler import sensitivity
+from edgeship.errors import UsageError
+
+TARGET = 0.995
+
+
+def _outlier_mlp():
+    import torch
+
+    torch.manual_seed(0)
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(16, 32)
+            self.fc2 = torch.nn.Linear(32, 32)
+            self.fc3 = torch.nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    model = MLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[0] *= 1000.0
+        model.fc1.bias[0] = 1000.0 * model.fc1.bias[0].abs()
+        model.fc2.weight[:, 0] /= 1000.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    import torch
+
+    torch.set_num_threads(1)
+    model = _outlier_mlp()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(6)]
+    with torch.no_grad():
+        reference = [{"y": model(torch.from_numpy(f["x"])).numpy()} for f in feeds]
+    return model, feeds, reference
+
+
+@pytest.fixture(scope="module")
+def onnx_model(mlp, tmp_path_factory):
+    import onnx
+    import torch
+
+    model, feeds, _ = mlp
+    path = tmp_path_factory.mktemp("onnx") / "mlp.onnx"
+    torch.onnx.export(
+        model,
+        (torch.from_numpy(feeds[0]["x"]),),
+        str(path),
+        dynamo=True,
+        external_data=False,
+        input_names=["x"],
+        output_names=["y"],
+        verbose=False,
+    )
+    graph = onnx.load(str(path)).graph
+    weights = {t.name for t in graph.initializer}
+    by_layer = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in weights and "weight" in name:
+                by_layer[name.split(".")[0]] = node.name
+    assert set(by_layer) == {"fc1", "fc2", "fc3"}, by_layer
+    return path, by_layer
+
+
+def test_onnx_search_keeps_the_outlier_layer_in_float_and_reaches_the_target(mlp, onnx_model, tmp_path):
+    _, feeds, reference = mlp
+    path, by_layer = onnx_model
+    quantize = sensitivity.OnnxQuantizer("int8-dynamic")
+    all_int8 = tmp_path / "all.onnx"
+    quantize(path, all_int8, [])
+    result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
+
+    assert result.all_quantized_cosine < 0.99  # the model really is broken by int8 everywhere
+    assert result.kept_float == [by_layer["fc2"]]
+    assert result.reached and result.cosine >= TARGET
+    assert max(result.scores, key=lambda name: result.scores[name]) == by_layer["fc2"]
+    assert result.evaluations <= len(result.scores) + 4  # O(candidates), not O(candidates^2)
+    # The reported cosine is the one of the model it describes, re-measured independently.
+    mixed = tmp_path / "mixed.onnx"
+    quantize(path, mixed, result.kept_float)
+    assert _onnx_cosine(mixed, feeds, reference) == pytest.approx(result.cosine, abs=1e-6)
+    assert _onnx_cosine(all_int8, feeds, reference) == pytest.approx(result.all_quantized_cosine, abs=1e-6)
+
+
+def test_onnx_static_qdq_search_keeps_both_layers_around_the_outlier_tensor_in_float(mlp, onnx_model):
+    # Static Q/DQ also quantizes a Gemm's output, so the outlier tensor (fc1's output, fc2's
+    # input) is quantized when either fc1 or fc2 is: both must stay float, fc3 need not.
+    _, feeds, reference = mlp
+    path, by_layer = onnx_model
+    quantize = sensitivity.OnnxQuantizer("int8-qdq", calibration=feeds)
+    result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
+    assert sorted(result.kept_float) == sorted([by_layer["fc1"], by_layer["fc2"]]), result.summary()
+    assert result.reached and result.cosine >= TARGET
+    assert result.scores[by_layer["fc3"]] < 1e-3 < min(result.scores[by_layer[k]] for k in ("fc1", "fc2"))
+
+
+def test_tflite_search_keeps_the_outlier_op_in_float_and_reaches_the_target(mlp, tmp_path):
+    import litert_torch
+    import torch
+
+    model, feeds, reference = mlp
+    fp32 = tmp_path / "mlp.tflite"
+    litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
+    quantize = sensitivity.TFLiteQuantizer("int8-dynamic")
+    candidates = quantize.candidates(fp32)
+    assert len(candidates) == 3, candidates  # the three FULLY_CONNECTED ops
+
+    result = sensitivity.tflite_float_ops(fp32, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
+
+    assert result.all_quantized_cosine < 0.99
+    assert result.reached and result.cosine >= TARGET, result.summary()
+    assert len(result.kept_float) == 1 and "fc2" in result.kept_float[0], result.kept_float
+    mixed = tmp_path / "mixed.tflite"
+    quantize(fp32, mixed, result.kept_float)
+    run = sensitivity.tflite_runner(mixed)
+    got = [{"y": run([f["x"]])[0]} for f in feeds]
+    assert float(sensitivity.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
+    # The kept op really is float: its weights stay float32, the other two are int8.
+    assert _tflite_weight_dtypes(mixed) == {"float32": 1, "int8": 2}
+
+
+def test_search_keeps_the_costliest_layers_and_stops_at_the_float_budget():
+    # Each layer costs a fixed amount of cosine when quantized; the costs add up.
+    cost = {"l0": 0.001, "l1": 0.05, "l2": 0.002, "l3": 0.03, "l4": 0.0005, "l5": 0.01}
+
+    def evaluate(keep):
+        return 1.0 - sum(c for name, c in cost.items() if name not in keep)
+
+    result = sensitivity.search(list(cost), evaluate, 0.99, max_float_fraction=0.5)
+    assert result.reached and result.kept_float == ["l1", "l3", "l5"]
+    assert result.cosine == pytest.approx(0.9965) and result.all_quantized_cosine == pytest.approx(0.9065)
+    assert result.scores["l1"] == pytest.approx(0.05)
+    assert result.evaluations <= len(cost) + 4
+
+    # 0.999 needs five layers in float; half of six is the budget: the three costliest, and a note.
+    short = sensitivity.search(list(cost), evaluate, 0.999, max_float_fraction=0.5)
+    assert not short.reached and short.kept_float == ["l1", "l3", "l5"] and short.notes
+    assert short.cosine == pytest.approx(0.9965)
+
+
+def _per_feed(keep, indices, *, kept_b_hurts=None):
+    # 40 feeds; quantizing "a" costs 0.002 everywhere, quantizing "b" costs 0.05 on feed 37 only.
+    out = []
+    for i in indices:
+        cos = 0.999 - (0.0 if "a" in keep else 0.002)
+        if i == 37 and "b" not in keep:
+            cos -= 0.05
+        if i == kept_b_hurts and "b" in keep:
+            cos -= 0.01
+        out.append(cos)
+    return np.array(out)
+
+
+def test_search_feeds_finds_the_layer_that_only_a_rare_hard_feed_needs():
+    calls = []
+
+    def measure(keep, indices):
+        calls.append(list(indices))
+        return _per_feed(keep, indices)
+
+    result = sensitivity.search_feeds(["a", "b"], measure, 40, 0.996, max_float_fraction=0.5, search_samples=4)
+    assert result.kept_float == ["b"] and result.reached
+    assert result.all_quantized_cosine == pytest.approx(0.947) and result.cosine == pytest.approx(0.997)
+    assert 37 in calls[1] and len(calls[1]) == 4  # the search ran on the hardest four feeds
+    assert calls[-1] == list(range(40))  # and the answer was checked on all of them
+
+
+def test_search_feeds_reports_a_miss_on_all_feeds_even_when_the_hardest_ones_pass():
+    result = sensitivity.search_feeds(
+        ["a", "b"], lambda keep, idx: _per_feed(keep, idx, kept_b_hurts=20), 40, 0.996,
+        max_float_fraction=0.5, search_samples=4,
+    )  # fmt: skip
+    assert result.kept_float == ["b"] and not result.reached
+    assert result.cosine == pytest.approx(0.987) and any("on all of them" in n for n in result.notes)
+
+
+def test_search_keeps_nothing_when_everything_quantized_meets_the_target():
+    result = sensitivity.search(["a", "b"], lambda keep: 0.999, 0.995)
+    assert result.kept_float == [] and result.evaluations == 1 and result.reached
+
+
+def test_search_refuses_an_empty_candidate_list_and_a_bad_fraction():
+    with pytest.raises(UsageError, match="no quantizable layers"):
+        sensitivity.search([], lambda keep: 1.0, 0.995)
+    with pytest.raises(UsageError, match="max_float_fraction"):
+        sensitivity.search(["a"], lambda keep: 1.0, 0.995, max_float_fraction=0)
+
+
+def test_scope_regex_matches_exactly_one_scope():
+    import re
+
+    regex = sensitivity.scope_regex("model/fc2;1;")
+    assert re.search(regex, "model/fc2;1;")
+    assert not re.search(regex, "model/fc2;1;model/fc2;2;")
+    assert not re.search(regex, "xmodel/fc2;1;")
+
+
+def _onnx_cosine(path: Path, feeds, reference) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = [{"y": session.run(["y"], f)[0]} for f in feeds]
+    return float(sensitivity.cosines(got, reference).min())
+
+
+def _tflite_weight_dtypes(path: Path) -> dict[str, int]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    counts: dict[str, int] = {}
+    for detail in interp.get_tensor_details():
+        if len(detail["shape"]) == 2 and tuple(detail["shape"]) in ((32, 16), (32, 32), (8, 32)):
+            dtype = np.dtype(detail["dtype"]).name
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
