@@ -10,7 +10,6 @@ MiniLM). Choose per model: the validation report shows what each does to accurac
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,51 +85,31 @@ def emit(
         onnx.save(model, str(out))
         route += " + onnxruntime float16"
     else:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from edgeship.compiler import sensitivity
 
         _drop_value_info(fp32)
         route += " + onnxruntime.quantization"
+        batch = 1 if not source.dynamic_batch else 32
+        feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
+        quantizer = sensitivity.OnnxQuantizer(
+            precision,
+            calibration=feeds if precision == "int8-qdq" else None,
+            exclude=exclude_nodes,
+            exclude_op_types=exclude_op_types,
+        )
+        keep_float: list[str] = []
         if min_cosine is not None:
-            _mixed_precision(
-                source,
-                precision,
-                fp32,
-                out,
-                calibration,
-                exclude_nodes,
-                exclude_op_types,
-                min_cosine,
-                max_float_fraction,
-                notes,
+            found = sensitivity.onnx_float_nodes(
+                fp32, quantizer, feeds, source.reference, min_cosine, max_float_fraction
             )
-            from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes
-
-            inputs, outputs = io_specs(out, source)
-            return Emitted(
-                "onnx",
-                precision,
-                "model/model.onnx",
-                {"model/model.onnx": out},
-                inputs,
-                outputs,
-                weight_bytes(out),
-                route + " + sensitivity",
-                notes,
-            )
-        op_types = [t for t in ("Conv", "MatMul", "Gemm", "Gather") if t not in exclude_op_types]
+            keep_float = list(found.kept_float)
+            notes += [found.summary(), f"kept in float by sensitivity: {keep_float}"]
+            route += " + sensitivity"
+        quantizer(fp32, out, keep_float)
         if precision == "int8-dynamic":
-            quantize_dynamic(
-                str(fp32),
-                str(out),
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=op_types,
-                # quantize_dynamic rewrites a Gemm into <name>_MatMul before it applies exclusions
-                nodes_to_exclude=[*exclude_nodes, *(f"{n}_MatMul" for n in exclude_nodes)],
-            )
             notes.append("int8 per-channel weights; activations quantized at run time")
         else:
-            _quantize_static(fp32, out, source, calibration, op_types, exclude_nodes, notes)
+            notes.append(f"static Q/DQ, per-channel weights, MinMax calibration on {len(feeds)} batches")
     if exclude_nodes or exclude_op_types:
         notes.append(f"kept in float: nodes {list(exclude_nodes)}, op types {list(exclude_op_types)}")
     from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes
@@ -149,34 +128,6 @@ def emit(
     )
 
 
-def _mixed_precision(
-    source: SourceModel,
-    precision: str,
-    fp32: Path,
-    out: Path,
-    calibration: Dataset | None,
-    exclude_nodes: tuple[str, ...],
-    exclude_op_types: tuple[str, ...],
-    min_cosine: float,
-    fraction: float,
-    notes: list[str],
-) -> None:
-    """Quantize, keeping the most sensitive nodes in float until the worst sample's cosine reaches ``min_cosine``."""
-    from edgeship.compiler import sensitivity
-
-    batch = 1 if not source.dynamic_batch else 32
-    feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
-    quantizer = sensitivity.OnnxQuantizer(
-        precision,
-        calibration=feeds if precision == "int8-qdq" else None,
-        exclude=exclude_nodes,
-        exclude_op_types=exclude_op_types,
-    )
-    found = sensitivity.onnx_float_nodes(fp32, quantizer, feeds, source.reference, min_cosine, fraction)
-    quantizer(fp32, out, found.kept_float)
-    notes += [found.summary(), f"kept in float by sensitivity: {list(found.kept_float)}"]
-
-
 def _drop_value_info(path: Path) -> None:
     """Remove intermediate shape annotations: the dynamo exporter writes some (e.g. for Gemm
     inputs) that onnxruntime.quantization's shape inference contradicts and refuses."""
@@ -185,46 +136,3 @@ def _drop_value_info(path: Path) -> None:
     model = onnx.load(str(path))
     del model.graph.value_info[:]
     onnx.save(model, str(path))
-
-
-def _quantize_static(
-    fp32: Path,
-    out: Path,
-    source: SourceModel,
-    calibration: Dataset | None,
-    op_types: list[str],
-    exclude_nodes: tuple[str, ...],
-    notes: list[str],
-) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    assert calibration is not None
-    batch = 1 if not source.dynamic_batch else 32
-    feeds = list(calibration.batches(batch))
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._it: Iterator[dict[str, Any]] = iter(feeds)
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self._it, None)
-
-    quantize_static(
-        str(fp32),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax,
-        op_types_to_quantize=[t for t in op_types if t != "Gather"],
-        nodes_to_exclude=list(exclude_nodes),
-    )
-    notes.append(f"static Q/DQ, per-channel weights, MinMax calibration on {len(calibration)} samples")
