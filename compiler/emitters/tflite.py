@@ -52,16 +52,15 @@ def emit(
     _convert(source, fp32, target)
     out = workdir / "model.tflite"
     notes: list[str] = []
+    route = "tf.lite" if source.kind == "keras" else "litert-torch"
     if precision == "fp32":
         shutil.copyfile(fp32, out)
-        route = "litert-torch"
     else:
-        route = "litert-torch + ai-edge-quantizer"
-        if min_cosine is not None and precision.startswith("int8"):
-            _mixed_precision(fp32, out, precision, source, calibration, min_cosine, max_float_fraction, notes)
-            route += " + sensitivity"
+        route += " + ai-edge-quantizer"
+        if precision == "fp16":
+            _fp16(fp32, out)
         else:
-            _quantize(fp32, out, precision, source, calibration, notes)
+            route += _quantize_int8(fp32, out, precision, source, calibration, min_cosine, max_float_fraction, notes)
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
 
@@ -162,74 +161,47 @@ def _conversion_advice(exc: Exception, dynamic: bool) -> str:
     return f"litert-torch cannot convert the model for TFLite: {first}{hint}; try the onnx target or replace the op"
 
 
-def _quantize(
-    fp32: Path, out: Path, precision: str, source: SourceModel, calibration: Dataset | None, notes: list[str]
-) -> None:
-    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
+def _fp16(fp32: Path, out: Path) -> None:
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
 
-    if precision == "fp16":
-        q = quantizer.Quantizer(str(fp32))
-        q.add_weight_only_config(
-            regex=".*",
-            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-            num_bits=16,
-            algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
-        )
-        result = q.quantize(enable_progress_report=False)
-    elif precision == "int8-dynamic":
-        result = quantizer.Quantizer(str(fp32), recipe.dynamic_wi8_afp32()).quantize(enable_progress_report=False)
-    elif precision == "int8-weight-only":
-        result = quantizer.Quantizer(str(fp32), recipe.weight_only_wi8_afp32()).quantize(enable_progress_report=False)
-    else:
-        q = quantizer.Quantizer(str(fp32), recipe.static_wi8_ai8())
-        result = q.quantize(_global_minmax(q, fp32, source, calibration), enable_progress_report=False)
-        notes.append(f"activations calibrated on {len(calibration) if calibration else 0} samples with global min/max")
-    result.export_model(str(out), overwrite=True)
+    q = quantizer.Quantizer(str(fp32))
+    q.add_weight_only_config(
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        num_bits=16,
+        algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
+    )
+    q.quantize(enable_progress_report=False).export_model(str(out), overwrite=True)
 
 
-def _mixed_precision(
+def _quantize_int8(
     fp32: Path,
     out: Path,
     precision: str,
     source: SourceModel,
     calibration: Dataset | None,
-    min_cosine: float,
+    min_cosine: float | None,
     fraction: float,
     notes: list[str],
-) -> None:
-    """Quantize, keeping the most sensitive op scopes in float until the worst sample reaches ``min_cosine``."""
+) -> str:
+    """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
+    global min/max); with ``min_cosine``, keep the most sensitive op scopes in float. Returns a route suffix."""
     from edgeship.compiler import sensitivity
 
     batch = 1 if not source.dynamic_batch else 32
     feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
     quantizer = sensitivity.TFLiteQuantizer(precision, calibration=feeds if precision == "int8-static" else None)
-    found = sensitivity.tflite_float_ops(fp32, quantizer, feeds, source.reference, min_cosine, fraction)
-    quantizer(fp32, out, found.kept_float)
-    notes += [found.summary(), f"kept in float by sensitivity (op scopes): {list(found.kept_float)}"]
-
-
-def _global_minmax(q: Any, fp32: Path, source: SourceModel, calibration: Dataset | None) -> Any:
-    """Calibration statistics with a global min/max per tensor (ai-edge-quantizer's calibrator,
-    with its min/max update instead of the default moving average, which clips)."""
-    from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import calibrator
-    from ai_edge_quantizer.utils import qsv_utils
-
-    assert calibration is not None
-    interp = Interpreter(model_path=str(fp32))
-    signature = next(iter(interp.get_signature_list()))
-    native = interp.get_signature_list()[signature]["inputs"]
-    batch = 1 if not source.dynamic_batch else 32
-    # litert-torch turns int64 inputs (token ids) into int32 ones: feed the interpreter's own dtypes.
-    details = interp.get_signature_runner(signature).get_input_details()
-    dtypes = [np.dtype(details[name]["dtype"]) for name in native]
-    feeds = [
-        {native[i]: np.asarray(feed[t.name]).astype(dtypes[i], copy=False) for i, t in enumerate(source.inputs)}
-        for feed in calibration.batches(batch)
-    ]
-    calib = calibrator.Calibrator(q._float_model_buffer, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
-    calib.calibrate({signature: feeds}, q._recipe_manager)
-    return calib.get_model_qsvs()
+    keep_float: list[str] = []
+    suffix = ""
+    if min_cosine is not None:
+        found = sensitivity.tflite_float_ops(fp32, quantizer, feeds, source.reference, min_cosine, fraction)
+        keep_float = list(found.kept_float)
+        notes += [found.summary(), f"kept in float by sensitivity (op scopes): {keep_float}"]
+        suffix = " + sensitivity"
+    quantizer(fp32, out, keep_float)
+    if precision == "int8-static":
+        notes.append(f"activations calibrated on {len(feeds)} batches with global min/max")
+    return suffix
 
 
 def _io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
