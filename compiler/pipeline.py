@@ -185,8 +185,12 @@ def compile_model(
                 if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
                     log.debug("emitter crashed", exc_info=True)
                     lines = str(exc).strip().splitlines()
+                    # Keep what the converter printed: the build directory is removed at the end.
+                    kept = out / f"{name}-{profile.name}-{precision}-v{recipe.version}.convert.log"
+                    shutil.copyfile(work / "convert.log", kept)
                     exc = UsageError(
-                        f"the {profile.format} converter failed: {type(exc).__name__}: {lines[0] if lines else ''}"
+                        f"the {profile.format} converter failed: {type(exc).__name__}: {lines[0] if lines else ''} "
+                        f"(converter output: {kept})"
                     )
                 results.append(
                     VariantResult(profile.name, precision, profile.format, "-", None, Metrics(0, None), error=str(exc))

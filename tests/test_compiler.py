@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -447,3 +448,23 @@ def test_min_cosine_keeps_the_most_sensitive_layers_in_float(source, digits, tmp
         assert any("kept in float by sensitivity" in n for n in variant.notes), variant.notes
         with rt.open(variant.package, trusted_keys=TRUSTED) as session:
             assert session.check_golden().passed
+
+
+def test_a_crashing_converter_fails_its_variant_and_keeps_its_output(source, tmp_path, monkeypatch):
+    import edgeship.compiler.pipeline as pipeline
+
+    real_emit = pipeline._emit
+
+    def crash_on_fp16(source, profile, precision, work, calib, recipe):
+        if precision == "fp16":
+            os.write(1, b"converter says: segment 7 has no lowering\n")  # as native converter code writes
+            raise RuntimeError("internal converter failure")
+        return real_emit(source, profile, precision, work, calib, recipe)
+
+    monkeypatch.setattr(pipeline, "_emit", crash_on_fp16)
+    recipe = Recipe.from_dict({"variants": {"linux-x86_64": ["fp16", "fp32"]}, "validation": {"latency_runs": 2}})
+    report = compile_model(source, ["linux-x86_64"], tmp_path / "d", KEY, recipe=recipe)
+    failed, ok = report.variants
+    assert "RuntimeError: internal converter failure" in failed.error and ok.error is None and ok.package
+    log = tmp_path / "d/model-linux-x86_64-fp16-v1.convert.log"
+    assert str(log) in failed.error and "segment 7 has no lowering" in log.read_text()

@@ -76,7 +76,9 @@ def test_package_starts_with_manifest_then_signature_and_is_pax(package: Path):
     with tarfile.open(package) as tar:
         names = tar.getnames()
         assert names[:2] == ["manifest.json", "manifest.sig"]
-        assert tar.format == tarfile.PAX_FORMAT or all(m.isreg() for m in tar.getmembers())
+        assert all(m.isreg() for m in tar.getmembers())
+    # POSIX ustar/pax headers ("ustar\0" + version "00"), not GNU's "ustar  \0" variant.
+    assert package.read_bytes()[257:265] == b"ustar\x0000"
     assert sorted(names[2:]) == sorted(sample_contents())
 
 
