@@ -407,8 +407,9 @@ class Row:
     size_ratio: float | None = None
     weight_ratio: float | None = None
     latency_ratio: float | None = None
-    kept_float: list[str] = field(default_factory=list)
-    float_budget: float | None = None  # sensitivity: max fraction of layers allowed in float
+    kept_float: list[str] = field(default_factory=list)  # sensitivity: the layers set apart
+    fallback: str | None = None  # sensitivity: what they became (weight-only or float)
+    float_budget: float | None = None  # sensitivity: max fraction of layers set apart
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -827,9 +828,10 @@ def sensitivity_rows(
 ) -> list[Row]:
     """Mixed-precision variants for the int8 TFLite / ORT routes whose all-int8 cosine misses the goal.
 
-    The search runs on the 256 calibration sentences (its 16 hardest drive it); when the float
-    budget ``max_fraction`` is not enough, it is retried once with twice the budget, reusing the
-    per-layer scores (a few more quantize-and-run steps).
+    The search runs on the 256 calibration sentences (its 16 hardest drive it). Layers set apart
+    keep int8 weights with float compute (weight-only); when the budget ``max_fraction`` is not
+    enough, it is retried with two and three times the budget, reusing the per-layer scores (a
+    few more quantize-and-run steps); only if that fails too, the layers are kept in float.
     """
     import torch
 
@@ -863,22 +865,28 @@ def sensitivity_rows(
             else sensitivity.OnnxQuantizer(precision, calibration=calib)
         )
         front = sensitivity.tflite_float_ops if fmt == "tflite" else sensitivity.onnx_float_nodes
-        scores = None
-        for budget in (max_fraction, min(1.0, 2 * max_fraction)):
-            row = Row(case.name, fmt, precision, "edgeship+sensitivity", "", float_budget=budget)
+        # As the compiler's fallback "auto": weight-only first (the model keeps its int8 size),
+        # the budget raised twice; float only when weight-only cannot reach the target at all.
+        budgets = {"weight-only": (1, 2, 3), "float": (1, 2)}
+        attempts = [(fb, min(1.0, k * max_fraction)) for fb in sensitivity.FALLBACKS for k in budgets[fb]]
+        scores: dict[str, float] | None = None
+        for i, (fallback, budget) in enumerate(attempts):
+            if i and attempts[i - 1][0] != fallback:
+                scores = None  # per-layer scores depend on the fallback
+            quantize.fallback = fallback
+            row = Row(case.name, fmt, precision, "edgeship+sensitivity", "", float_budget=budget, fallback=fallback)
             row.route = (
-                "ai-edge-quantizer, NO_QUANTIZE for the chosen scopes"
+                "ai-edge-quantizer, the chosen scopes "
                 if fmt == "tflite"
-                else "onnxruntime.quantization, nodes_to_exclude = the chosen nodes"
-            ) + f" (<= {budget:.0%} of layers float)"
+                else "onnxruntime.quantization, the chosen nodes excluded and "
+            ) + f"{sensitivity.FALLBACK_NOTES[fallback]} (<= {budget:.0%} of layers)"
             t0 = time.perf_counter()
             try:
                 with _quiet_warnings():
-                    result = front(
-                        Path(fp32.artifact), quantize, calib, refs, target, budget, search_samples=16, scores=scores
-                    )
+                    result = front(Path(fp32.artifact), quantize, calib, refs, target, budget, scores=scores)
                     search_s = time.perf_counter() - t0
-                    path = work / f"mixed_{precision}_{round(budget * 100)}.{'tflite' if fmt == 'tflite' else 'onnx'}"
+                    suffix = "tflite" if fmt == "tflite" else "onnx"
+                    path = work / f"mixed_{precision}_{fallback}_{round(budget * 100)}.{suffix}"
                     quantize(Path(fp32.artifact), path, result.kept_float)
                 row.compile_s = time.perf_counter() - t0
                 row.artifact = str(path)
@@ -896,7 +904,7 @@ def sensitivity_rows(
                 out.append(row)
                 break
             out.append(row)
-            if result.reached or budget >= 1.0:
+            if result.reached:
                 break
     return out
 
@@ -1025,7 +1033,8 @@ class Goal:
 
 def shipped(rows: list[Row], model: str, fmt: str, precision: str) -> Row | None:
     """The variant edgeship would ship for a route: all-int8 if it meets the cosine goal, else the
-    sensitivity variant with the smallest float budget that does, else the all-int8 one."""
+    sensitivity variant that does, weight-only fallback before float and the smallest budget first,
+    else the all-int8 one."""
     base = next(
         (r for r in rows if (r.model, r.format, r.precision, r.path) == (model, fmt, precision, "edgeship")), None
     )
@@ -1037,7 +1046,7 @@ def shipped(rows: list[Row], model: str, fmt: str, precision: str) -> Row | None
             for r in rows
             if (r.model, r.format, r.precision, r.path) == (model, fmt, precision, "edgeship+sensitivity")
         ),
-        key=lambda r: r.float_budget or 0.0,
+        key=lambda r: (r.fallback != "weight-only", r.float_budget or 0.0),
     )
     return next((r for r in mixed if r.cos_min is not None and r.cos_min >= TARGET_COSINE), base)
 
@@ -1081,7 +1090,7 @@ def check_goals(rows: list[Row], models: Sequence[str]) -> list[Goal]:
             if chosen is None:
                 continue
             r = chosen
-            float_note = f", {len(r.kept_float)} layers kept float" if r.path == "edgeship+sensitivity" else ""
+            float_note = f", {len(r.kept_float)} layers {r.fallback}" if r.path == "edgeship+sensitivity" else ""
             cos = r.cos_min if r.cos_min is not None else float("nan")
             goals.append(
                 Goal(
@@ -1160,7 +1169,9 @@ def table(case_name: str, rows: list[Row], classifier: bool) -> list[str]:
             if r.kept_float:
                 names = [_short_name(n) for n in r.kept_float]
                 more = f" ... and {len(names) - 12} more (all in the JSON)" if len(names) > 12 else ""
-                footnotes[-1] += f"; kept float ({len(names)}, most sensitive first): {', '.join(names[:12])}{more}"
+                footnotes[-1] += (
+                    f"; set apart as {r.fallback} ({len(names)}, most sensitive first): {', '.join(names[:12])}{more}"
+                )
             text += f" [{len(footnotes)}]"
         lines.append(
             [

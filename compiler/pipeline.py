@@ -306,6 +306,7 @@ def _emit(
             static_io=recipe.tflite_static_io,
             min_cosine=recipe.quantize.min_cosine,
             max_float_fraction=recipe.quantize.max_float_fraction,
+            fallback=recipe.quantize.fallback,
         )
     if profile.format == "onnx":
         from edgeship.compiler.emitters import onnx
@@ -320,6 +321,8 @@ def _emit(
             exclude_op_types=types,
             min_cosine=recipe.quantize.min_cosine,
             max_float_fraction=recipe.quantize.max_float_fraction,
+            fallback=recipe.quantize.fallback,
+            reduce_range=recipe.quantize.reduce_range,
         )
     if profile.format == "tensorrt-onnx":
         return _emit_tensorrt(source, profile, precision, work, calib)

@@ -17,8 +17,11 @@ validation:
 tflite:
   static_io: int8           # int8-static artifacts take int8 (default) or float I/O
 quantize:                   # what stays in float: global -> per-op-type -> per-node-name, later wins
-  min_cosine: 0.995         # optional: keep the most sensitive layers in float until the worst
-  max_float_fraction: 0.25  #   calibration sample reaches this cosine to fp32 (at most this share of layers)
+  min_cosine: 0.995         # optional: set the most sensitive layers apart until the worst calibration
+  max_float_fraction: 0.25  #   sample reaches this cosine to fp32 (at most this share of layers) ...
+  fallback: auto            #   ... as int8 weights with float compute (weight-only), float, or auto:
+                            #   weight-only, then float if weight-only cannot reach min_cosine
+  reduce_range: false       # onnx int8-dynamic: 7-bit weights (x86 CPUs without VNNI saturate 8-bit)
   global: {skip: false}
   types: {Gather: {skip: true}}
   names: {"/classifier/Gemm": {skip: true}}
@@ -49,6 +52,8 @@ class QuantizeRules:
     global_rule: LayerRule = LayerRule(skip=False)
     min_cosine: float | None = None
     max_float_fraction: float = 0.25
+    fallback: str = "auto"
+    reduce_range: bool = False
     types: dict[str, LayerRule] = field(default_factory=dict)
     names: dict[str, LayerRule] = field(default_factory=dict)
 
@@ -109,8 +114,14 @@ class Recipe:
         quantize = _mapping(
             top.get("quantize", {}),
             f"{where}: quantize",
-            {"global", "types", "names", "min_cosine", "max_float_fraction"},
+            {"global", "types", "names", "min_cosine", "max_float_fraction", "fallback", "reduce_range"},
         )
+        reduce_range = quantize.get("reduce_range", False)
+        if not isinstance(reduce_range, bool):
+            raise UsageError(f"{where}: quantize.reduce_range must be true or false, not {reduce_range!r}")
+        fallback = quantize.get("fallback", "auto")
+        if fallback not in ("auto", "weight-only", "float"):
+            raise UsageError(f"{where}: quantize.fallback must be auto, weight-only or float, not {fallback!r}")
         min_cosine = _float_or_none(quantize.get("min_cosine"), f"{where}: quantize.min_cosine")
         fraction = _float_or_none(quantize.get("max_float_fraction", 0.25), f"{where}: quantize.max_float_fraction")
         if (min_cosine is not None and min_cosine > 1) or fraction is None or fraction > 1:
@@ -139,6 +150,8 @@ class Recipe:
                 _rule(quantize.get("global", {"skip": False}), f"{where}: quantize.global"),
                 min_cosine,
                 fraction,
+                fallback,
+                reduce_range,
                 {
                     str(k): _rule(v, f"{where}: quantize.types.{k}")
                     for k, v in _mapping(quantize.get("types", {}), f"{where}: quantize.types", None).items()

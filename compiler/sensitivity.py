@@ -56,6 +56,10 @@ Reference = Sequence[Mapping[str, Array]] | Callable[[Feed], Mapping[str, Array]
 ONNX_DYNAMIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "Gather")
 ONNX_STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
 TFLITE_KINDS = ("int8-dynamic", "int8-weight-only", "int8-static")
+#: What the layers a search sets apart become: int8 weights with float compute, or plain float.
+FALLBACKS = ("weight-only", "float")
+#: How a report describes each fallback.
+FALLBACK_NOTES = {"weight-only": "int8 weights, float compute", "float": "kept in float"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class SensitivityResult:
         """One line for a report: what stayed in float and what it reached."""
         state = "reached" if self.reached else "NOT reached"
         return (
-            f"kept {len(self.kept_float)}/{self.candidates} layers in float: cosine {self.all_quantized_cosine:.4f} "
+            f"set {len(self.kept_float)}/{self.candidates} layers apart: cosine {self.all_quantized_cosine:.4f} "
             f"-> {self.cosine:.4f} (target {self.target} {state}; {self.evaluations} quantize+run steps)"
         )
 
@@ -306,6 +310,17 @@ class OnnxQuantizer:
     Conv/MatMul/Gemm), which needs ``calibration`` feeds. Static calibration runs once: the
     ranges are cached in a file next to the first output and reused for every later call.
     ``exclude`` and ``exclude_op_types`` are always kept in float (the recipe's skip rules).
+
+    ``fallback`` is what the ``keep_float`` layers of a call become: ``"weight-only"`` (default;
+    int8 per-channel weights dequantized in front of a float node, see ``onnx_weights``: the
+    layer's activations stay float, its size does not) or ``"float"``. With ``int8-qdq``, which
+    does not quantize Gather, embedding tables (Gather on a constant) get int8 rows as well
+    (``embeddings``, default on) unless ``exclude``/``exclude_op_types`` name them.
+
+    ``reduce_range`` (int8-dynamic): 7-bit weights, ORT's remedy for x86 CPUs without VNNI,
+    whose u8 x s8 int8 kernels (AVX2 ``vpmaddubsw``) saturate pairs of products in int16: the
+    same dynamic-int8 model can compute differently on an AVX2-only and a VNNI CPU. Off by
+    default (on MiniLM it costs more cosine than the saturation does).
     """
 
     precision: str = "int8-dynamic"
@@ -313,6 +328,9 @@ class OnnxQuantizer:
     exclude: Sequence[str] = ()
     exclude_op_types: Sequence[str] = ()
     symmetric_activations: bool = False
+    reduce_range: bool = False
+    fallback: str = "weight-only"
+    embeddings: bool = True
     _caches: dict[Path, Path] = field(default_factory=dict, repr=False)
     _clean: dict[Path, Path] = field(default_factory=dict, repr=False)
 
@@ -321,6 +339,8 @@ class OnnxQuantizer:
             raise UsageError(f"OnnxQuantizer precisions are int8-dynamic and int8-qdq; not {self.precision!r}")
         if self.precision == "int8-qdq" and not self.calibration:
             raise UsageError("int8-qdq needs calibration feeds")
+        if self.fallback not in FALLBACKS:
+            raise UsageError(f"fallback is one of {', '.join(FALLBACKS)}; not {self.fallback!r}")
 
     @property
     def op_types(self) -> tuple[str, ...]:
@@ -332,6 +352,22 @@ class OnnxQuantizer:
         return [n for n in onnx_candidates(fp32, self.op_types) if n not in set(self.exclude)]
 
     def __call__(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
+        self._quantize(Path(fp32), Path(out), keep_float)
+        weight_only = [*keep_float, *(f"{n}_MatMul" for n in keep_float)] if self.fallback == "weight-only" else []
+        if self.precision == "int8-qdq" and self.embeddings and "Gather" not in self.exclude_op_types:
+            weight_only += [n for n in onnx_candidates(Path(fp32), ("Gather",)) if n not in set(self.exclude)]
+        if weight_only:
+            import onnx
+
+            from edgeship.compiler.emitters.onnx_weights import weight_only_int8, weight_only_matmul
+
+            model = onnx.load(str(out))
+            model, rewritten = weight_only_matmul(model, weight_only)
+            rewritten += weight_only_int8(model, [n for n in weight_only if n not in set(rewritten)])
+            if rewritten:
+                onnx.save(model, str(out))
+
+    def _quantize(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic
 
         src = self._without_value_info(Path(fp32), Path(out).parent)
@@ -345,6 +381,7 @@ class OnnxQuantizer:
                 str(out),
                 weight_type=QuantType.QInt8,
                 per_channel=True,
+                reduce_range=self.reduce_range,
                 op_types_to_quantize=list(self.op_types),
                 nodes_to_exclude=excluded,
             )
@@ -407,6 +444,17 @@ TFLITE_WEIGHT_OPS = (
     "BATCH_MATMUL",
     "EMBEDDING_LOOKUP",
     "CONV_3D",
+)
+
+
+#: The ops a weight-only fallback applies to (ai-edge-quantizer's ``weightonly_wi8_afp32`` ops
+#: less EMBEDDING_LOOKUP), by ``qtyping.TFLOperationName`` member.
+TFLITE_WEIGHT_ONLY_OPS = (
+    "FULLY_CONNECTED",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "CONV_2D_TRANSPOSE",
+    "BATCH_MATMUL",
 )
 
 
@@ -550,11 +598,21 @@ class TFLiteQuantizer:
     (``weight_only_wi8_afp32``) or ``"int8-static"`` (``static_wi8_ai8`` calibrated on
     ``calibration`` with a global min/max, once per fp32 model; feeds bound by position).
     Every kept scope becomes a ``NO_QUANTIZE`` entry after the recipe's ``.*`` entry, which
-    ai-edge-quantizer lets win because the last matching scope does.
+    ai-edge-quantizer lets win because the last matching scope does; with ``fallback``
+    ``"weight-only"`` (default) a further entry gives the scope's weight ops (fully connected,
+    convolutions, batch matmul) int8 weights dequantized in front of a float op, so only their
+    arithmetic stays float. Embedding lookups never fall back to weight-only (that would
+    dequantize the whole table on every call): kept ones stay float.
+
+    ``static_wi8_ai8`` leaves EMBEDDING_LOOKUP out; with ``embeddings`` (default) int8-static
+    gives those tables int8 rows with float outputs (ai-edge-quantizer's dynamic-range config,
+    the lookup kernel's hybrid mode), which for a text model is most of the size.
     """
 
     precision: str = "int8-dynamic"
     calibration: Sequence[Feed] | None = None
+    fallback: str = "weight-only"
+    embeddings: bool = True
     _qsvs: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -562,15 +620,23 @@ class TFLiteQuantizer:
             raise UsageError(f"TFLiteQuantizer precisions are {', '.join(TFLITE_KINDS)}; not {self.precision!r}")
         if self.precision == "int8-static" and not self.calibration:
             raise UsageError("int8-static needs calibration feeds")
+        if self.fallback not in FALLBACKS:
+            raise UsageError(f"fallback is one of {', '.join(FALLBACKS)}; not {self.fallback!r}")
 
     def recipe(self) -> Any:
-        from ai_edge_quantizer import recipe
+        from ai_edge_quantizer import qtyping, recipe, recipe_manager
 
-        return {
+        base = {
             "int8-dynamic": recipe.dynamic_wi8_afp32,
             "int8-weight-only": recipe.weight_only_wi8_afp32,
             "int8-static": recipe.static_wi8_ai8,
         }[self.precision]()
+        if self.precision != "int8-static" or not self.embeddings:
+            return base
+        manager = recipe_manager.RecipeManager()
+        manager.load_quantization_recipe(base)
+        manager.add_dynamic_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, num_bits=8)
+        return manager.get_quantization_recipe()
 
     def candidates(self, fp32: Path) -> list[str]:
         """Scopes of the ops this recipe quantizes."""
@@ -580,12 +646,31 @@ class TFLiteQuantizer:
         from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
 
         q = quantizer.Quantizer(str(fp32), self.recipe())
-        for scope in keep_float:
+        weight_only = qtyping.OpQuantizationConfig(
+            weight_tensor_config=qtyping.TensorQuantizationConfig(
+                num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE
+            ),
+            compute_precision=qtyping.ComputePrecision.FLOAT,
+            explicit_dequantize=True,
+        )
+        if keep_float:
+            # One alternation for all kept scopes: ai-edge-quantizer checks every entry against
+            # every op, and hundreds of entries made a quantize take minutes instead of seconds.
+            kept = "^(?:" + "|".join(re.escape(scope) for scope in keep_float) + ")$"
             q.update_quantization_recipe(
-                regex=scope_regex(scope),
+                regex=kept,
                 operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                 algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
             )
+            if self.fallback == "weight-only" and self.precision != "int8-weight-only":
+                # A second, equivalent regex: entries are keyed by regex, and a later key wins.
+                for op in TFLITE_WEIGHT_ONLY_OPS:
+                    q.update_quantization_recipe(
+                        regex=f"(?:{kept})",
+                        operation_name=getattr(qtyping.TFLOperationName, op),
+                        op_config=weight_only,
+                        algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
+                    )
         qsvs = self._calibrate(Path(fp32)) if self.precision == "int8-static" else None
         result = q.quantize(qsvs, enable_progress_report=False)
         result.export_model(str(out), overwrite=True)
@@ -623,3 +708,39 @@ def _candidates(
         return list(given)
     lister = getattr(quantize, "candidates", None)
     return list(lister(model)) if callable(lister) else default(model)
+
+
+def choose(
+    front: Callable[..., SensitivityResult],
+    fp32: Path,
+    quantizer: OnnxQuantizer | TFLiteQuantizer,
+    feeds: Sequence[Feed],
+    reference: Reference,
+    target_cosine: float,
+    max_float_fraction: float,
+    fallback: str = "auto",
+) -> tuple[SensitivityResult, str]:
+    """Run a search (``onnx_float_nodes`` or ``tflite_float_ops``) with ``quantizer`` and the
+    given ``fallback`` for the layers it sets apart; returns the result and the fallback used
+    (the quantizer is left set to it, so calling it reproduces the searched model).
+
+    ``"auto"`` tries ``"weight-only"`` (the model keeps its int8 size) and, when that does not
+    reach the target within the budget, searches again with ``"float"``; the float answer is
+    taken only when it does better. Weight-only can miss where float does not: a layer whose
+    weights carry an outlier channel's compensation (tiny weights facing a huge activation)
+    loses them to an int8 step.
+    """
+    if fallback not in (*FALLBACKS, "auto"):
+        raise UsageError(f"fallback is one of auto, {', '.join(FALLBACKS)}; not {fallback!r}")
+    first = "weight-only" if fallback == "auto" else fallback
+    quantizer.fallback = first
+    found = front(fp32, quantizer, feeds, reference, target_cosine, max_float_fraction)
+    if found.reached or fallback != "auto":
+        return found, first
+    quantizer.fallback = "float"
+    again = front(fp32, quantizer, feeds, reference, target_cosine, max_float_fraction)
+    if again.reached or again.cosine > found.cosine:
+        note = f"weight-only fallback reached {found.cosine:.4f} only; float fallback searched instead"
+        return SensitivityResult(**{**again.__dict__, "notes": [*again.notes, note]}), "float"
+    quantizer.fallback = first
+    return found, first

@@ -215,6 +215,15 @@ BUILTIN_PROFILES: tuple[TargetProfile, ...] = (
                 "the size but inference is no faster.",
                 evidence=f"{_FACTS}: 'On x86 CPU, ORT runs fp16 models by casting back to fp32: no speed-up.'",
             ),
+            Quirk(
+                id="int8-dynamic-depends-on-vnni",
+                text="Dynamic int8 (u8 activations x s8 weights) saturates pairs of products in int16 on x86 CPUs "
+                "without VNNI (AVX2 only): the same model can be less accurate there than on the CPU it was "
+                "validated on. The compile report's numbers are the compile host's; the recipe's "
+                "quantize.reduce_range (7-bit weights) avoids it at a cost in accuracy.",
+                evidence="tests/test_sensitivity.py: on an AVX2-only AMD EPYC the outlier MLP with fc2 in float "
+                "measured cosine 0.965 with 8-bit weights and >= 0.995 with 7-bit weights (reduce_range).",
+            ),
         ),
     ),
     TargetProfile(

@@ -195,6 +195,17 @@ def test_recipe_typo_names_the_key():
         Recipe.from_dict({"validation": {"held_outt": 3}})
 
 
+def test_recipe_quantize_fallback_and_reduce_range_are_typed():
+    rules = Recipe.from_dict({"quantize": {"min_cosine": 0.99}}).quantize
+    assert rules.fallback == "auto" and rules.reduce_range is False
+    rules = Recipe.from_dict({"quantize": {"fallback": "float", "reduce_range": True}}).quantize
+    assert rules.fallback == "float" and rules.reduce_range is True
+    with pytest.raises(UsageError, match=r"quantize\.fallback must be auto, weight-only or float, not 'fp16'"):
+        Recipe.from_dict({"quantize": {"fallback": "fp16"}})
+    with pytest.raises(UsageError, match=r"quantize\.reduce_range must be true or false"):
+        Recipe.from_dict({"quantize": {"reduce_range": "yes"}})
+
+
 def test_layer_overrides_keep_named_op_types_in_float(source, digits, tmp_path):
     recipe = Recipe.from_dict(
         {"variants": {"linux-x86_64": ["int8-dynamic"]}, "quantize": {"types": {"Gemm": {"skip": True}}}}
@@ -445,7 +456,7 @@ def test_min_cosine_keeps_the_most_sensitive_layers_in_float(source, digits, tmp
     assert not report.failed, [v.error for v in report.failed]
     for variant in report.variants:
         assert variant.route.endswith("sensitivity")
-        assert any("kept in float by sensitivity" in n for n in variant.notes), variant.notes
+        assert any("set apart by sensitivity" in n for n in variant.notes), variant.notes
         with rt.open(variant.package, trusted_keys=TRUSTED) as session:
             assert session.check_golden().passed
 

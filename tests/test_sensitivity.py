@@ -21,7 +21,7 @@ from edgeship.errors import UsageError
 TARGET = 0.995
 
 
-def _outlier_mlp():
+def _outlier_mlp(factor: float = 1000.0):
     import torch
 
     torch.manual_seed(0)
@@ -38,9 +38,9 @@ def _outlier_mlp():
 
     model = MLP().eval()
     with torch.no_grad():
-        model.fc1.weight[0] *= 1000.0
-        model.fc1.bias[0] = 1000.0 * model.fc1.bias[0].abs()
-        model.fc2.weight[:, 0] /= 1000.0
+        model.fc1.weight[0] *= factor
+        model.fc1.bias[0] = factor * model.fc1.bias[0].abs()
+        model.fc2.weight[:, 0] /= factor
     return model
 
 
@@ -88,7 +88,9 @@ def onnx_model(mlp, tmp_path_factory):
 def test_onnx_search_keeps_the_outlier_layer_in_float_and_reaches_the_target(mlp, onnx_model, tmp_path):
     _, feeds, reference = mlp
     path, by_layer = onnx_model
-    quantize = sensitivity.OnnxQuantizer("int8-dynamic")
+    # reduce_range: 7-bit weights, so an AVX2 CPU without VNNI computes what a VNNI CPU does
+    # (its u8 x s8 kernel saturates pairs of products in int16 and fc1 would need float too).
+    quantize = sensitivity.OnnxQuantizer("int8-dynamic", fallback="float", reduce_range=True)
     all_int8 = tmp_path / "all.onnx"
     quantize(path, all_int8, [])
     result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
@@ -110,7 +112,7 @@ def test_onnx_static_qdq_search_keeps_both_layers_around_the_outlier_tensor_in_f
     # input) is quantized when either fc1 or fc2 is: both must stay float, fc3 need not.
     _, feeds, reference = mlp
     path, by_layer = onnx_model
-    quantize = sensitivity.OnnxQuantizer("int8-qdq", calibration=feeds)
+    quantize = sensitivity.OnnxQuantizer("int8-qdq", calibration=feeds, fallback="float")
     result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
     assert sorted(result.kept_float) == sorted([by_layer["fc1"], by_layer["fc2"]]), result.summary()
     assert result.reached and result.cosine >= TARGET
@@ -124,7 +126,7 @@ def test_tflite_search_keeps_the_outlier_op_in_float_and_reaches_the_target(mlp,
     model, feeds, reference = mlp
     fp32 = tmp_path / "mlp.tflite"
     litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
-    quantize = sensitivity.TFLiteQuantizer("int8-dynamic")
+    quantize = sensitivity.TFLiteQuantizer("int8-dynamic", fallback="float")
     candidates = quantize.candidates(fp32)
     assert len(candidates) == 3, candidates  # the three FULLY_CONNECTED ops
 
@@ -140,6 +142,105 @@ def test_tflite_search_keeps_the_outlier_op_in_float_and_reaches_the_target(mlp,
     assert float(sensitivity.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
     # The kept op really is float: its weights stay float32, the other two are int8.
     assert _tflite_weight_dtypes(mixed) == {"float32": 1, "int8": 2}
+
+
+def test_auto_fallback_takes_float_where_int8_weights_lose_the_outlier_compensation(mlp, onnx_model):
+    # fc2's weights facing the loud channel were divided by 1000: an int8 step per output channel
+    # rounds them to zero, so weight-only fc2 cannot reach the target; float fc2 can.
+    _, feeds, reference = mlp
+    path, by_layer = onnx_model
+    quantize = sensitivity.OnnxQuantizer("int8-dynamic", reduce_range=True)
+    result, used = sensitivity.choose(
+        sensitivity.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "auto"
+    )
+    assert used == "float" and quantize.fallback == "float"
+    assert result.kept_float == [by_layer["fc2"]] and result.reached
+    assert any("weight-only fallback reached" in n for n in result.notes)
+    with pytest.raises(UsageError, match="fallback is one of"):
+        sensitivity.choose(sensitivity.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "fp16")
+
+
+@pytest.fixture(scope="module")
+def loud_sample():
+    """A plain MLP and feeds whose first sample is 300x louder than the rest: one activation scale
+    per tensor (ORT's dynamic int8, static int8 from calibration) flattens the quiet samples, while
+    int8 *weights* are harmless. The weight-only fallback reaches the target at int8 size."""
+    import torch
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+    ).eval()
+    rng = np.random.default_rng(1)
+    feeds = []
+    for _ in range(6):
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        x[0] *= 300.0
+        feeds.append({"x": x})
+    with torch.no_grad():
+        reference = [{"y": model(torch.from_numpy(f["x"])).numpy()} for f in feeds]
+    return model, feeds, reference
+
+
+def test_onnx_weight_only_fallback_reaches_the_target_with_every_weight_int8(loud_sample, tmp_path):
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    model, feeds, reference = loud_sample
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (torch.from_numpy(feeds[0]["x"]),), str(path), dynamo=True, external_data=False,
+                      input_names=["x"], output_names=["y"], verbose=False)  # fmt: skip
+    quantize = sensitivity.OnnxQuantizer("int8-dynamic")
+    result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
+
+    assert result.all_quantized_cosine < 0.99, result.summary()
+    assert result.reached and result.kept_float, result.summary()
+    mixed = tmp_path / "mixed.onnx"
+    quantize(path, mixed, result.kept_float)
+    assert _onnx_cosine(mixed, feeds, reference) == pytest.approx(result.cosine, abs=1e-6)
+    big = [numpy_helper.to_array(t) for t in onnx.load(str(mixed)).graph.initializer if np.prod(t.dims) >= 128]
+    assert len(big) == 3 and all(w.dtype in (np.int8, np.uint8) for w in big), [w.dtype for w in big]
+    # The same search with a float fallback leaves those weights float32.
+    quantize.fallback = "float"
+    quantize(path, mixed, result.kept_float)
+    big = [numpy_helper.to_array(t) for t in onnx.load(str(mixed)).graph.initializer if np.prod(t.dims) >= 128]
+    assert sum(w.dtype == np.float32 for w in big) == len(result.kept_float)
+
+
+def test_tflite_weight_only_fallback_in_static_int8_keeps_int8_weights(tmp_path):
+    # A 60x channel: static int8 (one scale per activation tensor) leaves the other channels a
+    # few steps, while fc2's weights facing it are only 60x smaller than the rest of their output
+    # channel, which an int8 step still roughly resolves. So the layers around the loud tensor need float
+    # *compute*, not float weights: the fallback keeps every weight int8 and reaches the target.
+    import litert_torch
+    import torch
+
+    model = _outlier_mlp(60.0)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(6)]
+    with torch.no_grad():
+        reference = [{"y": model(torch.from_numpy(f["x"])).numpy()} for f in feeds]
+    fp32 = tmp_path / "mlp.tflite"
+    litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
+    quantize = sensitivity.TFLiteQuantizer("int8-static", calibration=feeds)
+    result = sensitivity.tflite_float_ops(fp32, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
+
+    assert result.all_quantized_cosine < TARGET, result.summary()  # measured 0.9935
+    assert result.reached and result.kept_float, result.summary()
+    from edgeship.compiler.emitters.tflite import _weight_bytes
+
+    mixed, floats = tmp_path / "mixed.tflite", tmp_path / "floats.tflite"
+    quantize(fp32, mixed, result.kept_float)
+    # Every weight is stored int8 (the kept ops read theirs through a DEQUANTIZE).
+    assert _tflite_weight_dtypes(mixed)["int8"] == 3
+    run = sensitivity.tflite_runner(mixed)
+    got = [{"y": run([f["x"]])[0]} for f in feeds]
+    assert float(sensitivity.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
+    quantize.fallback = "float"
+    quantize(fp32, floats, result.kept_float)
+    assert _tflite_weight_dtypes(floats).get("int8", 0) == 3 - len(result.kept_float)
+    assert _weight_bytes(mixed) < _weight_bytes(floats)
 
 
 def test_search_keeps_the_costliest_layers_and_stops_at_the_float_budget():

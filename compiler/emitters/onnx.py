@@ -63,6 +63,8 @@ def emit(
     exclude_op_types: tuple[str, ...] = (),
     min_cosine: float | None = None,
     max_float_fraction: float = 0.25,
+    fallback: str = "auto",
+    reduce_range: bool = False,
 ) -> Emitted:
     """Write ``model.onnx`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
@@ -96,20 +98,29 @@ def emit(
             calibration=feeds if precision == "int8-qdq" else None,
             exclude=exclude_nodes,
             exclude_op_types=exclude_op_types,
+            reduce_range=reduce_range,
         )
         keep_float: list[str] = []
         if min_cosine is not None:
-            found = sensitivity.onnx_float_nodes(
-                fp32, quantizer, feeds, source.reference, min_cosine, max_float_fraction
-            )
+            found, used = sensitivity.choose(
+                sensitivity.onnx_float_nodes, fp32, quantizer, feeds, source.reference, min_cosine,
+                max_float_fraction, fallback,
+            )  # fmt: skip
             keep_float = list(found.kept_float)
-            notes += [found.summary(), f"kept in float by sensitivity: {keep_float}"]
+            notes += [
+                found.summary(),
+                *found.notes,
+                f"set apart by sensitivity ({sensitivity.FALLBACK_NOTES[used]}): {keep_float}",
+            ]
             route += " + sensitivity"
         quantizer(fp32, out, keep_float)
         if precision == "int8-dynamic":
-            notes.append("int8 per-channel weights; activations quantized at run time")
+            bits = "7-bit (reduce_range)" if reduce_range else "int8"
+            notes.append(f"{bits} per-channel weights; activations quantized at run time")
         else:
             notes.append(f"static Q/DQ, per-channel weights, MinMax calibration on {len(feeds)} batches")
+            if quantizer.embeddings and "Gather" not in exclude_op_types:
+                notes.append("embedding tables (Gather on a constant): int8 rows, one scale per row")
     if exclude_nodes or exclude_op_types:
         notes.append(f"kept in float: nodes {list(exclude_nodes)}, op types {list(exclude_op_types)}")
     from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes

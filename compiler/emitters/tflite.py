@@ -37,6 +37,7 @@ def emit(
     static_io: str = "int8",
     min_cosine: float | None = None,
     max_float_fraction: float = 0.25,
+    fallback: str = "auto",
 ) -> Emitted:
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
     if precision not in PRECISIONS:
@@ -60,7 +61,9 @@ def emit(
         if precision == "fp16":
             _fp16(fp32, out)
         else:
-            route += _quantize_int8(fp32, out, precision, source, calibration, min_cosine, max_float_fraction, notes)
+            route += _quantize_int8(
+                fp32, out, precision, source, calibration, min_cosine, max_float_fraction, fallback, notes
+            )
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
 
@@ -182,10 +185,12 @@ def _quantize_int8(
     calibration: Dataset | None,
     min_cosine: float | None,
     fraction: float,
+    fallback: str,
     notes: list[str],
 ) -> str:
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
-    global min/max); with ``min_cosine``, keep the most sensitive op scopes in float. Returns a route suffix."""
+    global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
+    weights with float compute, or float). Returns a route suffix."""
     from edgeship.compiler import sensitivity
 
     batch = 1 if not source.dynamic_batch else 32
@@ -194,13 +199,20 @@ def _quantize_int8(
     keep_float: list[str] = []
     suffix = ""
     if min_cosine is not None:
-        found = sensitivity.tflite_float_ops(fp32, quantizer, feeds, source.reference, min_cosine, fraction)
+        found, used = sensitivity.choose(
+            sensitivity.tflite_float_ops, fp32, quantizer, feeds, source.reference, min_cosine, fraction, fallback
+        )
         keep_float = list(found.kept_float)
-        notes += [found.summary(), f"kept in float by sensitivity (op scopes): {keep_float}"]
+        notes += [
+            found.summary(),
+            *found.notes,
+            f"set apart by sensitivity ({sensitivity.FALLBACK_NOTES[used]}; op scopes): {keep_float}",
+        ]
         suffix = " + sensitivity"
     quantizer(fp32, out, keep_float)
     if precision == "int8-static":
         notes.append(f"activations calibrated on {len(feeds)} batches with global min/max")
+        notes.append("embedding lookups: int8 tables, float outputs (hybrid kernel)")
     return suffix
 
 
