@@ -292,10 +292,6 @@ def _emit(
     if profile.format == "tflite":
         from edgeship.compiler.emitters import tflite
 
-        if recipe.quantize.any:
-            raise UsageError(
-                "quantize overrides (skip layers) apply to onnx and tensorrt targets; TFLite ignores none silently, so remove them for tflite targets"
-            )
         return tflite.emit(
             source,
             precision,
@@ -307,6 +303,7 @@ def _emit(
             min_cosine=recipe.quantize.min_cosine,
             max_float_fraction=recipe.quantize.max_float_fraction,
             fallback=recipe.quantize.fallback,
+            skipped=recipe.quantize.skipped if recipe.quantize.any else None,
         )
     if profile.format == "onnx":
         from edgeship.compiler.emitters import onnx

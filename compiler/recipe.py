@@ -27,8 +27,9 @@ quantize:                   # what stays in float: global -> per-op-type -> per-
   names: {"/classifier/Gemm": {skip: true}}
 ```
 
-Op types and node names are the artifact's own (ONNX op types and node names for onnx and
-tensorrt targets).
+Op types and node names are the artifact's own: ONNX op types and node names for onnx and
+tensorrt targets; TFLite op types (FULLY_CONNECTED) and op scopes or output tensor names for
+tflite targets.
 """
 
 from __future__ import annotations

@@ -463,31 +463,60 @@ def scope_regex(scope: str) -> str:
     return "^" + re.escape(scope) + "$"
 
 
-def tflite_candidates(fp32_tflite: Path, aeq_recipe: Any | None = None) -> list[str]:
-    """Scopes of the ops ``aeq_recipe`` quantizes (an ai-edge-quantizer recipe; default the
-    dynamic int8 one), in graph order; without a recipe, ops of ``TFLITE_WEIGHT_OPS``."""
-    from ai_edge_quantizer import algorithm_manager, recipe_manager
+def tflite_ops(fp32_tflite: Path) -> list[tuple[Any, str, tuple[str, ...]]]:
+    """The main subgraph's ops in graph order: ``(ai-edge-quantizer op name, op scope, output
+    tensor names)``; the op name's ``.value`` is the TFLite op (``FULLY_CONNECTED``)."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     model = fb.read_model(Path(fp32_tflite).read_bytes())
-    manager = None
-    if aeq_recipe is not None:
-        manager = recipe_manager.RecipeManager()
-        manager.load_quantization_recipe(aeq_recipe)
-    out: list[str] = []
+    out = []
     for subgraph in model.subgraphs[:1]:
         for op in subgraph.operators:
             key = fb.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
             if key is None:
                 continue
-            scope = fb.get_op_scope(op, subgraph.tensors)
-            if manager is None:
-                if str(key.value if hasattr(key, "value") else key) in TFLITE_WEIGHT_OPS:
-                    out.append(scope)
-                continue
-            algorithm, _config = manager.get_quantization_configs(key, scope)
-            if algorithm != algorithm_manager.AlgorithmName.NO_QUANTIZE:
+            names = tuple(_text(subgraph.tensors[i].name) for i in op.outputs if i >= 0)
+            out.append((key, fb.get_op_scope(op, subgraph.tensors), names))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _op_type(key: Any) -> str:
+    return str(key.value if hasattr(key, "value") else key)
+
+
+def tflite_skipped(fp32_tflite: Path, skipped: Callable[[str, str], bool]) -> list[str]:
+    """Scopes of the ops a recipe's skip rules keep in float: ``skipped(op_type, name)`` is asked
+    with the TFLite op type (``FULLY_CONNECTED``) and, in turn, the op's scope and each of its
+    output tensor names; any yes skips the op."""
+    return [
+        scope
+        for key, scope, names in tflite_ops(fp32_tflite)
+        if scope and any(skipped(_op_type(key), name) for name in (scope, *names))
+    ]
+
+
+def tflite_candidates(fp32_tflite: Path, aeq_recipe: Any | None = None) -> list[str]:
+    """Scopes of the ops ``aeq_recipe`` quantizes (an ai-edge-quantizer recipe; default the
+    dynamic int8 one), in graph order; without a recipe, ops of ``TFLITE_WEIGHT_OPS``."""
+    from ai_edge_quantizer import algorithm_manager, recipe_manager
+
+    manager = None
+    if aeq_recipe is not None:
+        manager = recipe_manager.RecipeManager()
+        manager.load_quantization_recipe(aeq_recipe)
+    out: list[str] = []
+    for key, scope, _names in tflite_ops(fp32_tflite):
+        if manager is None:
+            if _op_type(key) in TFLITE_WEIGHT_OPS:
                 out.append(scope)
+            continue
+        algorithm, _config = manager.get_quantization_configs(key, scope)
+        if algorithm != algorithm_manager.AlgorithmName.NO_QUANTIZE:
+            out.append(scope)
     return list(dict.fromkeys(s for s in out if s))
 
 
@@ -607,12 +636,16 @@ class TFLiteQuantizer:
     ``static_wi8_ai8`` leaves EMBEDDING_LOOKUP out; with ``embeddings`` (default) int8-static
     gives those tables int8 rows with float outputs (ai-edge-quantizer's dynamic-range config,
     the lookup kernel's hybrid mode), which for a text model is most of the size.
+
+    ``exclude``: op scopes always left float (the recipe's skip rules, see ``tflite_skipped``);
+    they are no candidates for a search.
     """
 
     precision: str = "int8-dynamic"
     calibration: Sequence[Feed] | None = None
     fallback: str = "weight-only"
     embeddings: bool = True
+    exclude: Sequence[str] = ()
     _qsvs: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -639,8 +672,8 @@ class TFLiteQuantizer:
         return manager.get_quantization_recipe()
 
     def candidates(self, fp32: Path) -> list[str]:
-        """Scopes of the ops this recipe quantizes."""
-        return tflite_candidates(fp32, self.recipe())
+        """Scopes of the ops this recipe quantizes, less those always excluded."""
+        return [s for s in tflite_candidates(fp32, self.recipe()) if s not in set(self.exclude)]
 
     def __call__(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
         from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
@@ -671,6 +704,12 @@ class TFLiteQuantizer:
                         op_config=weight_only,
                         algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
                     )
+        if self.exclude:  # last, so nothing set apart above can override a skip rule
+            q.update_quantization_recipe(
+                regex="^(?:" + "|".join(re.escape(scope) for scope in self.exclude) + ")$",
+                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
+            )
         qsvs = self._calibrate(Path(fp32)) if self.precision == "int8-static" else None
         result = q.quantize(qsvs, enable_progress_report=False)
         result.export_model(str(out), overwrite=True)

@@ -222,6 +222,42 @@ def test_layer_overrides_keep_named_op_types_in_float(source, digits, tmp_path):
     assert variant.error is None and any("Gemm" in n for n in variant.notes)
 
 
+def test_tflite_skip_rules_by_op_type_and_by_name_keep_those_ops_float(source, digits, tmp_path):
+    def compile_with(quantize):
+        recipe = Recipe.from_dict(
+            {"variants": {"android-arm64": ["int8-dynamic"]}, "quantize": quantize, "validation": {"latency_runs": 2}}
+        )
+        report = compile_model(
+            source, ["android-arm64"], tmp_path / str(len(list(tmp_path.iterdir()))), KEY, recipe=recipe,
+            evaluation=Dataset({"image": digits.x_test[:50]}, labels=digits.y_test[:50]),
+        )  # fmt: skip
+        (variant,) = report.variants
+        assert variant.error is None, variant.error
+        with rt.open(variant.package, trusted_keys=TRUSTED) as session:
+            assert session.check_golden().passed
+        return variant
+
+    plain = compile_with({})
+    by_type = compile_with({"types": {"FULLY_CONNECTED": {"skip": True}}})
+    skipped = next(n for n in by_type.notes if n.startswith("kept in float by the recipe's skip rules"))
+    assert "(0 ops)" not in skipped
+    # The skipped fully connected layers keep fp32 weights: more weight bytes than all-int8.
+    assert by_type.metrics.weight_bytes > plain.metrics.weight_bytes
+    # A name rule matching one op's output tensor (taken from the op list) skips that op only.
+    from edgeship.compiler import sensitivity
+
+    fp32 = tmp_path / "probe.tflite"
+    import litert_torch
+    import torch
+
+    litert_torch.convert(source.module, (torch.from_numpy(source.example["image"]),)).export(str(fp32))
+    fcs = [(scope, names) for key, scope, names in sensitivity.tflite_ops(fp32) if key.value == "FULLY_CONNECTED"]
+    assert len(fcs) >= 2
+    by_name = compile_with({"names": {fcs[0][1][0]: {"skip": True}}})
+    assert f"(1 ops): [{fcs[0][0]!r}]" in " ".join(by_name.notes)
+    assert plain.metrics.weight_bytes < by_name.metrics.weight_bytes < by_type.metrics.weight_bytes
+
+
 # ---------------------------------------------------------------- the command line
 
 

@@ -12,6 +12,7 @@ run its calibrator with a global min/max update instead.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,13 @@ def emit(
     min_cosine: float | None = None,
     max_float_fraction: float = 0.25,
     fallback: str = "auto",
+    skipped: Callable[[str, str], bool] | None = None,
 ) -> Emitted:
-    """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
+    """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done.
+
+    ``skipped(op_type, name)``: the recipe's skip rules, asked with TFLite op types
+    (``FULLY_CONNECTED``) and each op's scope and output tensor names; the ops it skips stay float.
+    """
     if precision not in PRECISIONS:
         raise UsageError(f"TFLite precisions are {', '.join(PRECISIONS)}; not {precision!r}")
     if source.kind == "onnx":
@@ -62,7 +68,7 @@ def emit(
             _fp16(fp32, out)
         else:
             route += _quantize_int8(
-                fp32, out, precision, source, calibration, min_cosine, max_float_fraction, fallback, notes
+                fp32, out, precision, source, calibration, min_cosine, max_float_fraction, fallback, skipped, notes
             )
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
@@ -186,6 +192,7 @@ def _quantize_int8(
     min_cosine: float | None,
     fraction: float,
     fallback: str,
+    skipped: Callable[[str, str], bool] | None,
     notes: list[str],
 ) -> str:
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
@@ -195,7 +202,12 @@ def _quantize_int8(
 
     batch = 1 if not source.dynamic_batch else 32
     feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
-    quantizer = sensitivity.TFLiteQuantizer(precision, calibration=feeds if precision == "int8-static" else None)
+    exclude = sensitivity.tflite_skipped(fp32, skipped) if skipped is not None else []
+    quantizer = sensitivity.TFLiteQuantizer(
+        precision, calibration=feeds if precision == "int8-static" else None, exclude=exclude
+    )
+    if skipped is not None:
+        notes.append(f"kept in float by the recipe's skip rules ({len(exclude)} ops): {exclude}")
     keep_float: list[str] = []
     suffix = ""
     if min_cosine is not None:
