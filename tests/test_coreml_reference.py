@@ -776,6 +776,36 @@ def test_transformer_block_matches_torch(tmp_path, precision, min_os):
         assert cosine > 0.9999 and np.abs(got - want).max() < 5e-3
 
 
+class _IntMaskBlock(_Block):
+    """The block taking an int32 mask, as a tokenizer gives it: the cast to float becomes a
+    constant-folded or computed var the activation passes must find a range for."""
+
+    def forward(self, ids: Any, mask: Any) -> Any:
+        return super().forward(ids, mask.to(torch.float32))
+
+
+def test_w8a8_quantizes_a_transformer_block_with_an_int_mask(tmp_path):
+    # MiniLM failed here with coremltools' bare KeyError 'cast_31': an add reading a cast mask
+    # had no activation range. The block must now quantize and stay close to torch.
+    torch.manual_seed(0)
+    block = _IntMaskBlock().eval()
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0, 0]], np.int32)
+    samples = [{"ids": rng.integers(0, 50, (1, 8)).astype(np.int32), "mask": mask} for _ in range(16)]
+    example = (torch.from_numpy(samples[0]["ids"]), torch.from_numpy(mask))
+    result = emit_coreml(
+        block, example, ["ids", "mask"], ["pooled"], "w8a8", "iOS17", tmp_path / "b.mlpackage", calibration=samples
+    )
+    evaluator = ReferenceEvaluator(result.path)
+    assert "quantize" in evaluator.op_types
+    for sample in samples[:4]:
+        got = evaluator.run(sample)["pooled"]
+        with torch.no_grad():
+            want = block(*(torch.from_numpy(sample[k]) for k in ("ids", "mask"))).numpy()
+        cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+        assert cosine > 0.99, cosine
+
+
 # ---------------------------------------------------------------------------- refusals and unsupported ops
 
 

@@ -361,9 +361,11 @@ def _quantize_activations(
         if op.op_type == "concat"
     ]
     _adjust_concat_surrounding_activation_stats(concat_groups, stats)
+    skipped = _complete_stats(main_function(evaluator.program), stats)
 
     config = cto.OptimizationConfig(
-        global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
+        global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0),
+        op_name_configs=dict.fromkeys(skipped),
     )
     passes = []
     for name in ("insert_prefix_quantize_dequantize_pair", "insert_suffix_quantize_dequantize_pair"):
@@ -383,6 +385,30 @@ def _quantize_activations(
         raise UsageError(f"coremltools cannot quantize the activations: {_first_line(exc)}") from exc
     pairs = sum(1 for op in main_function(program_of(quantized)).operations if op.op_type == "quantize")
     return quantized, pairs
+
+
+#: The inputs coremltools' activation passes quantize (insert_prefix_quantize_dequantize_pair), by op.
+_ACTIVATION_INPUTS = {"conv": ("x",), "avg_pool": ("x",), "max_pool": ("x",), "linear": ("x",), "add": ("x", "y")}
+
+
+def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> list[str]:
+    """Give the activation passes a range for every input they will look up: a constant (folded
+    at conversion, e.g. a cast mask, so never computed at run time) gets its own min/max.
+    Returns the names of ops to leave unquantized because an input has no range (not float,
+    or never computed): coremltools would stop on them with a bare KeyError."""
+    skip = []
+    for op in function.operations:
+        for key in _ACTIVATION_INPUTS.get(op.op_type, ()):
+            var = op.inputs.get(key)
+            if var is None or var.name in stats:
+                continue
+            value = None if var.val is None else np.asarray(var.val)
+            if value is not None and np.issubdtype(value.dtype, np.floating) and value.size:
+                stats[var.name] = {"rmin": float(value.min()), "rmax": float(value.max())}
+            else:
+                skip.append(op.name)
+                break
+    return skip
 
 
 def activation_ranges(
