@@ -59,7 +59,10 @@ TFLITE_KINDS = ("int8-dynamic", "int8-weight-only", "int8-static")
 #: What the layers a search sets apart become: int8 weights with float compute, or plain float.
 FALLBACKS = ("weight-only", "float")
 #: How a report describes each fallback.
-FALLBACK_NOTES = {"weight-only": "int8 weights, float compute", "float": "kept in float"}
+FALLBACK_NOTES = {
+    "weight-only": "int8 weights with float compute where the layer has weights, else float",
+    "float": "kept in float",
+}
 
 
 @dataclass(frozen=True)
@@ -312,8 +315,11 @@ class OnnxQuantizer:
     ``exclude`` and ``exclude_op_types`` are always kept in float (the recipe's skip rules).
 
     ``fallback`` is what the ``keep_float`` layers of a call become: ``"weight-only"`` (default;
-    int8 per-channel weights dequantized in front of a float node, see ``onnx_weights``: the
-    layer's activations stay float, its size does not) or ``"float"``. With ``int8-qdq``, which
+    the layer computes in float from int8 weights, see ``onnx_weights``: MatMuls become ORT's
+    ``MatMulNBits``, 8-bit blocks of 128; Gemm/Conv an int8 per-channel weight behind a
+    ``DequantizeLinear``; Gather tables int8 rows) or ``"float"``. (In int8-dynamic
+    ``quantize_dynamic`` has already turned each Gemm into ``<gemm>_MatMul`` + Add, so a Gemm
+    set apart becomes a MatMulNBits too.) With ``int8-qdq``, which
     does not quantize Gather, embedding tables (Gather on a constant) get int8 rows as well
     (``embeddings``, default on) unless ``exclude``/``exclude_op_types`` name them.
 
@@ -341,6 +347,9 @@ class OnnxQuantizer:
             raise UsageError("int8-qdq needs calibration feeds")
         if self.fallback not in FALLBACKS:
             raise UsageError(f"fallback is one of {', '.join(FALLBACKS)}; not {self.fallback!r}")
+
+    #: Every ONNX op set apart can keep int8 weights (MatMulNBits, DequantizeLinear, int8 rows).
+    can_weight_only = True
 
     @property
     def op_types(self) -> tuple[str, ...]:
@@ -656,6 +665,11 @@ class TFLiteQuantizer:
         if self.fallback not in FALLBACKS:
             raise UsageError(f"fallback is one of {', '.join(FALLBACKS)}; not {self.fallback!r}")
 
+    @property
+    def can_weight_only(self) -> bool:
+        """Whether layers set apart can keep int8 weights: not in a weight-only model already."""
+        return self.precision != "int8-weight-only"
+
     def recipe(self) -> Any:
         from ai_edge_quantizer import qtyping, recipe, recipe_manager
 
@@ -695,7 +709,7 @@ class TFLiteQuantizer:
                 operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                 algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
             )
-            if self.fallback == "weight-only" and self.precision != "int8-weight-only":
+            if self.fallback == "weight-only" and self.can_weight_only:
                 # A second, equivalent regex: entries are keyed by regex, and a later key wins.
                 for op in TFLITE_WEIGHT_ONLY_OPS:
                     q.update_quantization_recipe(
@@ -765,12 +779,16 @@ def choose(
 
     ``"auto"`` tries ``"weight-only"`` (the model keeps its int8 size) and, when that does not
     reach the target within the budget, searches again with ``"float"``; the float answer is
-    taken only when it does better. Weight-only can miss where float does not: a layer whose
-    weights carry an outlier channel's compensation (tiny weights facing a huge activation)
-    loses them to an int8 step.
+    taken only when it does better (its ``evaluations`` then count both searches). Weight-only
+    can miss where float does not: a layer whose weights carry an outlier channel's
+    compensation (tiny weights facing a huge activation) loses them to an int8 step. A
+    quantizer that has no weight-only fallback (TFLite ``int8-weight-only``, whose layers set
+    apart can only be float) searches once, with ``"float"``.
     """
     if fallback not in (*FALLBACKS, "auto"):
         raise UsageError(f"fallback is one of auto, {', '.join(FALLBACKS)}; not {fallback!r}")
+    if not quantizer.can_weight_only:
+        fallback = "float"
     first = "weight-only" if fallback == "auto" else fallback
     quantizer.fallback = first
     found = front(fp32, quantizer, feeds, reference, target_cosine, max_float_fraction)
@@ -780,6 +798,8 @@ def choose(
     again = front(fp32, quantizer, feeds, reference, target_cosine, max_float_fraction)
     if again.reached or again.cosine > found.cosine:
         note = f"weight-only fallback reached {found.cosine:.4f} only; float fallback searched instead"
-        return SensitivityResult(**{**again.__dict__, "notes": [*again.notes, note]}), "float"
+        fields = {**again.__dict__, "notes": [*again.notes, note]}
+        fields["evaluations"] = found.evaluations + again.evaluations
+        return SensitivityResult(**fields), "float"
     quantizer.fallback = first
     return found, first

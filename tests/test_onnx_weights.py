@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeship.compiler.emitters.onnx_weights import quantize_symmetric, weight_only_int8
+from edgeship.compiler.emitters.onnx_weights import quantize_symmetric, weight_only_int8, weight_only_matmul
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -100,13 +100,18 @@ def test_every_weight_op_keeps_its_function_with_int8_weights():
     dtypes = {t.name: numpy_helper.to_array(t).dtype for t in model.graph.initializer}
     assert not any(name in dtypes for name in ("table", "w1", "w2", "w3", "conv_w"))  # no float copy left
     assert sum(d == np.int8 for n, d in dtypes.items() if n.endswith("_int8")) == 5
+    # One scale per *output* channel, and the DequantizeLinear reads them along that axis.
+    scales = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer if t.name.endswith("_wo_scale")}
+    assert scales == {"w1_wo_scale": (6,), "w2_wo_scale": (5,), "w3_wo_scale": (4,), "conv_w_wo_scale": (3,)}
+    axes = {n.input[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert axes == {"w1_wo_int8": 1, "w2_wo_int8": 0, "w3_wo_int8": 1, "conv_w_wo_int8": 0}
     int8_bytes = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     assert int8_bytes < 0.45 * float_bytes  # small tensors: scales and zero points weigh in
     got = _run(model, feed)
     for g, w in zip(got, want):
         assert np.allclose(g, w, rtol=0.03, atol=0.03 * np.abs(w).max()), np.abs(g - w).max()
     # The embedding's loud row and its quiet rows both survive: one scale per row.
-    emb = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "table_row_scale"))
+    emb = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "table_wo_row_scale"))
     assert emb.shape == (50, 1) and emb[7, 0] > 10 * np.median(emb)
 
 
@@ -130,3 +135,34 @@ def test_graphs_below_opset_13_are_not_rewritten():
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", 12))
     assert weight_only_int8(model, ["mm"]) == []
+
+
+def test_matmulnbits_takes_the_named_matmul_only_and_keeps_its_function():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((256, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="chosen"),
+            helper.make_node("MatMul", ["h", "w2"], ["y"], name="other"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feed = {"x": rng.standard_normal((3, 256)).astype(np.float32)}
+    (want,) = _run(model, feed)
+
+    model, done = weight_only_matmul(model, ["chosen", "absent"])
+
+    assert done == ["chosen"]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert ops["other"] == "MatMul" and "MatMulNBits" in ops.values()  # the other MatMul stays float
+    assert any(t.name == "w2" and t.data_type == TensorProto.FLOAT for t in model.graph.initializer)
+    (got,) = _run(model, feed)
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cosine > 0.9999 and not np.array_equal(got, want)

@@ -160,6 +160,26 @@ def test_auto_fallback_takes_float_where_int8_weights_lose_the_outlier_compensat
         sensitivity.choose(sensitivity.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "fp16")
 
 
+def test_a_weight_only_tflite_model_sets_layers_apart_as_float_in_one_search(mlp, tmp_path):
+    import litert_torch
+    import torch
+
+    model, feeds, reference = mlp
+    fp32 = tmp_path / "mlp.tflite"
+    litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
+    quantize = sensitivity.TFLiteQuantizer("int8-weight-only")
+    assert not quantize.can_weight_only
+    searches = []
+
+    def front(*args, **kwargs):
+        searches.append(args[1].fallback)
+        return sensitivity.tflite_float_ops(*args, **kwargs)
+
+    result, used = sensitivity.choose(front, fp32, quantize, feeds, reference, TARGET, 0.5, "auto")
+    assert used == "float" and searches == ["float"]
+    assert result.reached and len(result.kept_float) == 1 and "fc2" in result.kept_float[0]
+
+
 @pytest.fixture(scope="module")
 def loud_sample():
     """A plain MLP and feeds whose first sample is 300x louder than the rest: one activation scale

@@ -119,8 +119,9 @@ def emit(
             notes.append(f"{bits} per-channel weights; activations quantized at run time")
         else:
             notes.append(f"static Q/DQ, per-channel weights, MinMax calibration on {len(feeds)} batches")
-            if quantizer.embeddings and "Gather" not in exclude_op_types:
-                notes.append("embedding tables (Gather on a constant): int8 rows, one scale per row")
+            tables = _row_scaled_tables(out)
+            if tables:
+                notes.append(f"{tables} embedding tables (Gather on a constant): int8 rows, one scale per row")
     if exclude_nodes or exclude_op_types:
         notes.append(f"kept in float: nodes {list(exclude_nodes)}, op types {list(exclude_op_types)}")
     from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes
@@ -147,3 +148,11 @@ def _drop_value_info(path: Path) -> None:
     model = onnx.load(str(path))
     del model.graph.value_info[:]
     onnx.save(model, str(path))
+
+
+def _row_scaled_tables(path: Path) -> int:
+    """How many embedding tables ``onnx_weights`` stored as int8 rows in the model."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(1 for t in model.graph.initializer if t.name.endswith("_wo_row_scale"))

@@ -77,7 +77,7 @@ def weight_only_int8(model: Any, nodes: Iterable[str]) -> list[str]:
                 continue
             q, scale = quantize_symmetric(weight, 0)
             scale_rows = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-            q_name, s_name = f"{name}_int8", f"{name}_row_scale"
+            q_name, s_name = f"{name}_wo_int8", f"{name}_wo_row_scale"
             rows, row_scale = f"{node.output[0]}_int8_rows", f"{node.output[0]}_row_scale"
             as_float = f"{node.output[0]}_rows_float"
             ids = node.input[1]
@@ -99,7 +99,8 @@ def weight_only_int8(model: Any, nodes: Iterable[str]) -> list[str]:
             else:  # Conv: (out, in / group, k...)
                 axis = 0
             q, scale = quantize_symmetric(weight, axis)
-            q_name, s_name, z_name = f"{name}_int8", f"{name}_scale", f"{name}_zero_point"
+            # "_wo_" names: ORT's own quantizers name a weight's scale "<w>_scale".
+            q_name, s_name, z_name = f"{name}_wo_int8", f"{name}_wo_scale", f"{name}_wo_zero_point"
             tensors = [
                 numpy_helper.from_array(q, q_name),
                 numpy_helper.from_array(scale, s_name),
@@ -126,7 +127,9 @@ def weight_only_matmul(model: Any, nodes: Iterable[str], block_size: int = 128) 
     a scale per block is closer to fp32 than one per output channel (measured on MiniLM: cosine
     0.9970 against 0.9959 for the same 17 layers; float: 0.9969). ONNX Runtime only.
 
-    Returns ``(model, rewritten node names)``; the model may be a new object.
+    Returns ``(model, rewritten node names)``: the same ``ModelProto``, changed in place. Every
+    other MatMul is left alone (MatMulNBitsQuantizer would otherwise take all of them: it
+    quantizes ``nodes_to_include`` *and* every node of its op types).
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -139,8 +142,15 @@ def weight_only_matmul(model: Any, nodes: Iterable[str], block_size: int = 128) 
     ]
     if not matmuls:
         return model, []
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(matmuls)]
     quantizer = MatMulNBitsQuantizer(
-        model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=0, nodes_to_include=matmuls
+        model,
+        bits=8,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=0,
+        nodes_to_include=matmuls,
+        nodes_to_exclude=others,
     )
     quantizer.process()
     result = quantizer.model.model

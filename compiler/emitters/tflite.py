@@ -224,7 +224,9 @@ def _quantize_int8(
     quantizer(fp32, out, keep_float)
     if precision == "int8-static":
         notes.append(f"activations calibrated on {len(feeds)} batches with global min/max")
-        notes.append("embedding lookups: int8 tables, float outputs (hybrid kernel)")
+        lookups = sum(1 for key, _, _ in sensitivity.tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP")
+        if lookups:
+            notes.append(f"{lookups} embedding lookups: int8 tables, float outputs (hybrid kernel)")
     return suffix
 
 
