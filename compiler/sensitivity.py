@@ -686,8 +686,14 @@ class TFLiteQuantizer:
         return manager.get_quantization_recipe()
 
     def candidates(self, fp32: Path) -> list[str]:
-        """Scopes of the ops this recipe quantizes, less those always excluded."""
-        return [s for s in tflite_candidates(fp32, self.recipe()) if s not in set(self.exclude)]
+        """Scopes of the ops this recipe quantizes, less those always excluded. With the
+        weight-only fallback, embedding lookups are no candidates: their int8 path already is
+        weight-only (int8 table, float rows out), so setting one apart could only make the
+        table float, and on MiniLM a near-zero score ranked it in by noise: 47 MB back in float."""
+        skip = set(self.exclude)
+        if self.fallback == "weight-only" and self.can_weight_only:
+            skip |= {scope for key, scope, _ in tflite_ops(fp32) if _op_type(key) == "EMBEDDING_LOOKUP"}
+        return [s for s in tflite_candidates(fp32, self.recipe()) if s not in skip]
 
     def __call__(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
         from ai_edge_quantizer import algorithm_manager, qtyping, quantizer

@@ -180,6 +180,31 @@ def test_a_weight_only_tflite_model_sets_layers_apart_as_float_in_one_search(mlp
     assert result.reached and len(result.kept_float) == 1 and "fc2" in result.kept_float[0]
 
 
+def test_embedding_lookups_are_no_weight_only_candidates_in_static_int8(tmp_path):
+    # Their int8 path already is weight-only; setting one apart could only make the table float.
+    import litert_torch
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)).eval()
+    ids = torch.tensor([[1, 7, 3]], dtype=torch.int32)
+    fp32 = tmp_path / "emb.tflite"
+    litert_torch.convert(model, (ids,)).export(str(fp32))
+    lookups = [scope for key, scope, _ in sensitivity.tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP"]
+    assert len(lookups) == 1
+    feeds = [{"ids": ids.numpy()}]
+    quantize = sensitivity.TFLiteQuantizer("int8-static", calibration=feeds)
+    assert lookups[0] not in quantize.candidates(fp32) and quantize.candidates(fp32)
+    quantize.fallback = "float"
+    assert lookups[0] in quantize.candidates(fp32)
+    # And the static model stores the table int8 (the recipe's dynamic config for lookups).
+    out = tmp_path / "static.tflite"
+    quantize(fp32, out, [])
+    from edgeship.compiler.emitters.tflite import _weight_bytes
+
+    assert _weight_bytes(out) < 0.4 * _weight_bytes(fp32)
+
+
 @pytest.fixture(scope="module")
 def loud_sample():
     """A plain MLP and feeds whose first sample is 300x louder than the rest: one activation scale
