@@ -1287,8 +1287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--workdir", type=Path, help="build into this directory (kept) instead of a temp dir")
     parser.add_argument("--seconds", type=float, help="seconds of interleaved latency per model and runtime")
-    parser.add_argument("--margin", type=float, default=0.001, help="sensitivity target = 0.995 + margin")
-    parser.add_argument("--max-float-fraction", type=float, default=0.25, help="sensitivity: float layer budget")
+    parser.add_argument("--margin", type=float, default=0.003, help="sensitivity target = 0.995 + margin")
+    parser.add_argument(
+        "--max-float-fraction", type=float, default=0.25, help="sensitivity: share of layers that may be set apart"
+    )
     parser.add_argument("--models", default=None, help="comma-separated: digits,minilm (default both; quick: digits)")
     args = parser.parse_args(argv)
 
