@@ -539,15 +539,9 @@ def artifact_bytes(path: Path) -> int:
 
 def weight_bytes(path: Path, fmt: str) -> int:
     if fmt == "tflite":
-        from ai_edge_litert import schema_py_generated as schema
+        from edgeship.compiler.emitters.tflite import weight_bytes as tflite_weights
 
-        # ai-edge-quantizer writes buffers after the flatbuffer (offset/size), not inline: count both.
-        model = schema.Model.GetRootAsModel(path.read_bytes(), 0)
-        total = 0
-        for i in range(model.BuffersLength()):
-            buffer = model.Buffers(i)
-            total += buffer.DataLength() or (buffer.Size() if buffer.Offset() > 1 else 0)
-        return int(total)
+        return tflite_weights(path)
     if fmt in ("onnx", "tensorrt-onnx"):
         from edgeship.compiler.emitters.onnx_io import weight_bytes as onnx_weights
 

@@ -339,6 +339,7 @@ class OnnxQuantizer:
     embeddings: bool = True
     _caches: dict[Path, Path] = field(default_factory=dict, repr=False)
     _clean: dict[Path, Path] = field(default_factory=dict, repr=False)
+    _gathers: dict[Path, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in ("int8-dynamic", "int8-qdq"):
@@ -364,7 +365,11 @@ class OnnxQuantizer:
         self._quantize(Path(fp32), Path(out), keep_float)
         weight_only = [*keep_float, *(f"{n}_MatMul" for n in keep_float)] if self.fallback == "weight-only" else []
         if self.precision == "int8-qdq" and self.embeddings and "Gather" not in self.exclude_op_types:
-            weight_only += [n for n in onnx_candidates(Path(fp32), ("Gather",)) if n not in set(self.exclude)]
+            # Once per model, not per search step (each load reads the whole fp32 file).
+            if Path(fp32) not in self._gathers:
+                self._gathers[Path(fp32)] = onnx_candidates(Path(fp32), ("Gather",))
+            gathers = self._gathers[Path(fp32)]
+            weight_only += [n for n in gathers if n not in set(self.exclude)]
         if weight_only:
             import onnx
 

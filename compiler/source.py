@@ -45,6 +45,17 @@ class SourceModel:
     saved_model_dir: Path | None = None
     dynamic_batch: bool = False
 
+    def export_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` for ``torch.export``-based converters: the example inputs as tensors
+        in input order and, with ``dynamic_batch``, ``dynamic_shapes`` making axis 0 of each dynamic."""
+        import torch
+
+        args = tuple(torch.from_numpy(np.ascontiguousarray(self.example[t.name])) for t in self.inputs)
+        if not self.dynamic_batch:
+            return args, {}
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        return args, {"dynamic_shapes": tuple({0: batch} for _ in args)}
+
     def reference(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Outputs of the fp32 source for ``feeds`` (arrays with the batch axis first)."""
         if self.kind == "torch":

@@ -200,9 +200,9 @@ def test_embedding_lookups_are_no_weight_only_candidates_in_static_int8(tmp_path
     # And the static model stores the table int8 (the recipe's dynamic config for lookups).
     out = tmp_path / "static.tflite"
     quantize(fp32, out, [])
-    from edgeship.compiler.emitters.tflite import _weight_bytes
+    from edgeship.compiler.emitters.tflite import weight_bytes
 
-    assert _weight_bytes(out) < 0.4 * _weight_bytes(fp32)
+    assert weight_bytes(out) < 0.4 * weight_bytes(fp32)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +273,7 @@ def test_tflite_weight_only_fallback_in_static_int8_keeps_int8_weights(tmp_path)
 
     assert result.all_quantized_cosine < TARGET, result.summary()  # measured 0.9935
     assert result.reached and result.kept_float, result.summary()
-    from edgeship.compiler.emitters.tflite import _weight_bytes
+    from edgeship.compiler.emitters.tflite import weight_bytes
 
     mixed, floats = tmp_path / "mixed.tflite", tmp_path / "floats.tflite"
     quantize(fp32, mixed, result.kept_float)
@@ -285,7 +285,7 @@ def test_tflite_weight_only_fallback_in_static_int8_keeps_int8_weights(tmp_path)
     quantize.fallback = "float"
     quantize(fp32, floats, result.kept_float)
     assert _tflite_weight_dtypes(floats).get("int8", 0) == 3 - len(result.kept_float)
-    assert _weight_bytes(mixed) < _weight_bytes(floats)
+    assert weight_bytes(mixed) < weight_bytes(floats)
 
 
 def test_search_keeps_the_costliest_layers_and_stops_at_the_float_budget():

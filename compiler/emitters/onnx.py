@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.emitters.base import Emitted
@@ -31,11 +28,7 @@ def export_fp32(source: SourceModel, path: Path) -> None:
         return
     import torch
 
-    args = tuple(torch.from_numpy(np.ascontiguousarray(source.example[t.name])) for t in source.inputs)
-    kwargs: dict[str, Any] = {}
-    if source.dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+    args, kwargs = source.export_args()
     try:
         torch.onnx.export(
             source.module,

@@ -76,7 +76,7 @@ def emit(
             out.write_bytes(float_io(out.read_bytes()))
             notes.append("float32 I/O: QUANTIZE/DEQUANTIZE ops at the model's edges")
     inputs, outputs = _io_specs(out, source)
-    weight_bytes = _weight_bytes(out)
+    constants = weight_bytes(out)
     if max_op_versions:
         check_op_versions(out, max_op_versions)
     return Emitted(
@@ -86,7 +86,7 @@ def emit(
         {"model/model.tflite": out},
         inputs,
         outputs,
-        weight_bytes,
+        constants,
         route,
         notes,
     )
@@ -97,13 +97,8 @@ def _convert(source: SourceModel, path: Path, target: str) -> None:
         _convert_tf(source, path)
         return
     import litert_torch
-    import torch
 
-    args = tuple(torch.from_numpy(np.ascontiguousarray(source.example[t.name])) for t in source.inputs)
-    kwargs: dict[str, Any] = {}
-    if source.dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+    args, kwargs = source.export_args()
     try:
         litert_torch.convert(source.module, args, **kwargs).export(str(path))
     except Exception as exc:
@@ -253,7 +248,7 @@ def _io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], 
     return inputs, outputs
 
 
-def _weight_bytes(path: Path) -> int:
+def weight_bytes(path: Path) -> int:
     """Bytes of constant buffers (weights): inline data, or data kept after the flatbuffer
     (``offset``/``size``, as ai-edge-quantizer writes quantized models)."""
     from ai_edge_litert import schema_py_generated as schema
