@@ -279,12 +279,9 @@ def onnx_float_nodes(
     """
     import onnxruntime as ort
 
-    fp32_onnx = Path(fp32_onnx)
-    if not fp32_onnx.is_file():
-        raise UsageError(f"ONNX model {fp32_onnx} does not exist")
-    feeds = list(feeds)
-    refs = _references(reference, feeds)
-    names = _candidates(quantize, fp32_onnx, candidates, lambda p: onnx_candidates(p))
+    fp32_onnx, feeds, refs, names = _prepare(
+        "ONNX", fp32_onnx, quantize, feeds, reference, candidates, lambda p: onnx_candidates(p)
+    )
     with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
         out = Path(tmp) / "candidate.onnx"
 
@@ -563,12 +560,9 @@ def tflite_float_ops(
 
     Raises ``UsageError`` when the model is missing or there is nothing to quantize.
     """
-    fp32_tflite = Path(fp32_tflite)
-    if not fp32_tflite.is_file():
-        raise UsageError(f"TFLite model {fp32_tflite} does not exist")
-    feeds = list(feeds)
-    refs = _references(reference, feeds)
-    names = _candidates(quantize, fp32_tflite, candidates, lambda p: tflite_candidates(p))
+    fp32_tflite, feeds, refs, names = _prepare(
+        "TFLite", fp32_tflite, quantize, feeds, reference, candidates, lambda p: tflite_candidates(p)
+    )
     with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
         out = Path(tmp) / "candidate.tflite"
 
@@ -765,13 +759,26 @@ class TFLiteQuantizer:
         return self._qsvs[fp32]
 
 
-def _candidates(
-    quantize: Quantize, model: Path, given: Sequence[str] | None, default: Callable[[Path], list[str]]
-) -> list[str]:
+def _prepare(
+    kind: str,
+    model: Path,
+    quantize: Quantize,
+    feeds: Sequence[Feed],
+    reference: Reference,
+    given: Sequence[str] | None,
+    default: Callable[[Path], list[str]],
+) -> tuple[Path, list[Feed], list[Mapping[str, Array]], list[str]]:
+    """What both searches start from: the model (which must exist), the feeds, their fp32
+    outputs, and the candidates (given, else the quantizer's own list, else ``default``)."""
+    model = Path(model)
+    if not model.is_file():
+        raise UsageError(f"{kind} model {model} does not exist")
+    feeds = list(feeds)
+    refs = _references(reference, feeds)
     if given is not None:
-        return list(given)
+        return model, feeds, refs, list(given)
     lister = getattr(quantize, "candidates", None)
-    return list(lister(model)) if callable(lister) else default(model)
+    return model, feeds, refs, list(lister(model)) if callable(lister) else default(model)
 
 
 def choose(

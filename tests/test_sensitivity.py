@@ -382,3 +382,11 @@ def _tflite_weight_dtypes(path: Path) -> dict[str, int]:
             dtype = np.dtype(detail["dtype"]).name
             counts[dtype] = counts.get(dtype, 0) + 1
     return counts
+
+
+def test_a_missing_model_is_named_before_any_work(tmp_path):
+    quantize = sensitivity.OnnxQuantizer("int8-dynamic")
+    with pytest.raises(UsageError, match=r"ONNX model .*absent\.onnx does not exist"):
+        sensitivity.onnx_float_nodes(tmp_path / "absent.onnx", quantize, [], [], TARGET)
+    with pytest.raises(UsageError, match=r"TFLite model .*absent\.tflite does not exist"):
+        sensitivity.tflite_float_ops(tmp_path / "absent.tflite", sensitivity.TFLiteQuantizer(), [], [], TARGET)
