@@ -80,3 +80,39 @@ class ModelLoadError(EdgeshipError):
 
 class InputError(UsageError):
     """Inputs passed to ``Session.run`` have the wrong names, shapes or dtypes."""
+
+
+class SessionClosedError(EdgeshipError):
+    """``Session.run`` (or another call that needs the model) after ``Session.close()``."""
+
+
+class ConfigError(UsageError):
+    """A configuration file (agent.yaml, fleet settings) is missing, malformed, or has a wrong or unknown key."""
+
+
+class UpdateError(EdgeshipError):
+    """An over-the-air update could not be applied. Subclasses say why; the active model is untouched."""
+
+
+class DownloadError(UpdateError):
+    """A package or metadata download failed (network, HTTP status, server does not honour Range)."""
+
+
+class UpdateTrustError(UpdateError):
+    """The fleet's signed update metadata (TUF) refused what was offered."""
+
+
+class MetadataExpiredError(UpdateTrustError):
+    """The fleet's TUF metadata has expired (the repository must refresh its timestamp); retried later."""
+
+
+class MetadataRollbackError(UpdateTrustError):
+    """The fleet served TUF metadata older than metadata the device already trusts (a replay or freeze attack)."""
+
+
+class TargetNotListedError(UpdateTrustError):
+    """A command names a package that the fleet's signed targets metadata does not list."""
+
+
+class TargetMismatchError(UpdateTrustError):
+    """A downloaded package's length or hash differs from the fleet's signed targets metadata."""
