@@ -429,17 +429,6 @@ def _emit_coreml(
     )
 
 
-_TFLITE_RUNTIME_CHECK = """
-import json, sys
-import edgeship.runtime as rt
-from edgeship.runtime.backends.litert import interpreter_module
-with rt.open(sys.argv[1], trusted_keys=[sys.argv[2]], threads=1, interpreter="tflite_runtime") as s:
-    g = s.check_golden()
-import tflite_runtime
-print(json.dumps({"passed": g.passed, "failures": list(g.failures), "version": tflite_runtime.__version__}))
-"""
-
-
 def tflite_runtime_python() -> Path | None:
     """A Python that has tflite-runtime (and edgeship's base install): ``EDGESHIP_TFLITE_RUNTIME_PYTHON``,
     else ``.venv-tflite`` in the working directory or beside the edgeship source tree."""
@@ -455,11 +444,11 @@ def tflite_runtime_python() -> Path | None:
 
 
 def _check_with_tflite_runtime(result: VariantResult, key: Ed25519PrivateKey, workdir: Path) -> None:
-    """Run the package's golden vectors in a tflite-runtime interpreter (a numpy-1 venv), by subprocess.
+    """Run the package's golden vectors in a tflite-runtime interpreter (a numpy-1 venv), in a child process
+    (``edgeship.runtime.check.run_check``, as the device agent checks a slot).
 
     A failure removes the package: the device would compute something else than the host did."""
-    import subprocess
-
+    from edgeship.runtime.check import run_check
     from edgeship.runtime.package.signing import public_key_pem
 
     python = tflite_runtime_python()
@@ -471,18 +460,22 @@ def _check_with_tflite_runtime(result: VariantResult, key: Ed25519PrivateKey, wo
         return
     pub = workdir / "check.pub"
     pub.write_bytes(public_key_pem(key.public_key()))
-    proc = subprocess.run(
-        [str(python), "-c", _TFLITE_RUNTIME_CHECK, str(result.package), str(pub)],
-        capture_output=True,
-        text=True,
+    check = run_check(
+        result.package,
+        trusted_key_paths=[pub],
+        runs=0,
+        threads=1,
+        python=python,
+        options={"interpreter": "tflite_runtime"},
         timeout=600,
+        nice=0,
     )
-    lines = proc.stdout.strip().splitlines()
-    outcome = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
-    if outcome is not None and outcome["passed"]:
-        result.metrics.checked_here.append(f"golden vectors in tflite-runtime {outcome['version']} (subprocess)")
+    if check.ok:
+        version = (check.library or "").removeprefix("tflite_runtime").strip() or "?"
+        result.metrics.checked_here.append(f"golden vectors in tflite-runtime {version} (subprocess)")
         return
-    why = "; ".join(outcome["failures"][:2]) if outcome else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    golden_failures = check.golden["failures"] if check.code == "golden_failed" and check.golden else []
+    why = "; ".join(golden_failures[:2]) if golden_failures else check.message
     result.error = f"tflite-runtime does not reproduce the golden vectors: {why}"
     result.package.unlink(missing_ok=True)
     result.package = None

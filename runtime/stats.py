@@ -148,6 +148,21 @@ class TensorStats:
         self.ring_len = min(self.ring_len + rows, RING)
         self.samples += rows
 
+    def reset_window(self) -> None:
+        """Start a new window: count, samples, mean/std/min/max and the NaN/Inf count restart.
+
+        The ring buffers (per-sample summaries, top-1 class and confidence) are kept: they
+        already are the sliding window of the last ``RING`` samples that drift is computed from.
+        """
+        self.flush()
+        self.count = 0
+        self.samples = 0
+        self.sum.fill(0.0)
+        self.sumsq.fill(0.0)
+        self.min.fill(np.inf)
+        self.max.fill(-np.inf)
+        self.nonfinite = 0
+
     def recent(self) -> Array:
         self.flush()
         return self.ring[: self.ring_len] if self.ring_len < RING else self.ring

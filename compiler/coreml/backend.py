@@ -25,6 +25,10 @@ PRIORITY = 5  # below the real Core ML backend (10): on macOS, auto picks Core M
 
 
 class _ReferenceModel(LoadedModel):
+    # value_inference writes into the program's shared Vars while it runs (the evaluator holds a lock
+    # around that too); nothing is gained by running calls at once, so the Session serializes them.
+    thread_safe = False
+
     def __init__(self, evaluator: ReferenceEvaluator) -> None:
         self._evaluator: ReferenceEvaluator | None = evaluator
         self.inputs = evaluator.inputs

@@ -47,17 +47,29 @@ class BackendOptions:
 
 
 class LoadedModel(ABC):
-    """A model opened by a backend, ready to run."""
+    """A model opened by a backend, ready to run.
+
+    ``thread_safe``: whether ``run`` may be called from several threads at once. False
+    (the default) makes the Session serialize calls with a lock; a backend sets it True
+    only when its native library documents concurrent runs on one loaded model as safe.
+    ``library``: the native library and version that runs it, for reports ("onnxruntime 1.31.1").
+    """
 
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    thread_safe: bool = False
+    library: str = ""
 
     @abstractmethod
     def run(self, feeds: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         """Run once. ``feeds`` are in the order of ``inputs`` with their exact dtypes; outputs follow ``outputs``."""
 
     def close(self) -> None:  # noqa: B027 - most native libraries free on garbage collection
-        """Release native resources. The model must not be used afterwards."""
+        """Release native resources. The model must not be used afterwards.
+
+        Drop every reference to native objects, bound methods included (a bound method
+        keeps its object alive), so they are freed now rather than with this object.
+        """
 
 
 class Backend(ABC):

@@ -95,8 +95,12 @@ def _shape(array: Any) -> tuple[int | None, ...]:
 
 
 class _CoreMLModel(LoadedModel):
-    def __init__(self, model: Any, manifest: Manifest | None = None) -> None:
+    # coremltools documents no thread-safety for MLModel.predict from Python: the Session serializes.
+    thread_safe = False
+
+    def __init__(self, model: Any, manifest: Manifest | None = None, library: str = "") -> None:
         self._model = model
+        self.library = library
         description = model.get_spec().description
         self.inputs = describe_features(description.input, "input")
         self.outputs = describe_features(description.output, "output")
@@ -163,4 +167,4 @@ class CoreMLBackend(Backend):
                 f"Core ML could not load {artifact.name}"
                 + (f": {cause}" if cause else " (is this macOS new enough for the model's deployment target?)")
             )
-        return _CoreMLModel(model, manifest)
+        return _CoreMLModel(model, manifest, f"coremltools {getattr(ct, '__version__', '?')}")

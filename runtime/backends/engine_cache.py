@@ -9,14 +9,19 @@ deserialization as functions.
 Engine cache invariants (``EngineCache``):
 
 * Layout: ``<cache_dir>/<digest>.engine`` and ``<digest>.json`` (the key that built it).
-* Each file is written atomically (temp file, fsync, rename); the key is written after
-  the engine, so a key file vouches for a complete engine.
+* Each file is written atomically (``edgeship.runtime.durable.write_atomic``: temp file,
+  fsync, rename, fsync of the directory); the key is written after the engine, so a key
+  file vouches for a complete engine.
 * A cached engine is used only when its key file exists, parses, and equals the current
   key in every field. Otherwise it is deleted (with a warning) and rebuilt.
 * A cached engine TensorRT cannot deserialize is deleted and rebuilt once; if the fresh
   engine cannot be deserialized either, ``ModelLoadError``.
 * The cache is not a trust boundary: a key file says what an engine was built for, it
-  does not authenticate it. The cache directory is created private to its user (0700).
+  does not authenticate it. The cache directory is created private to its user (0700),
+  and so are its files (0600).
+* ``prune`` deletes the engines of packages no longer installed (the device agent passes
+  the packages of its slots), and whatever cannot be used: engines without a readable
+  key, keys without an engine, temporary files of an interrupted write.
 """
 
 from __future__ import annotations
@@ -26,14 +31,13 @@ import enum
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
 from edgeship.errors import ModelLoadError
+from edgeship.runtime.durable import fsync_dir, write_atomic
 
 # The cache logs under the backend's logger: its messages are about the backend's engines, and
 # logging configured for edgeship.runtime.backends.tensorrt keeps covering them.
@@ -162,11 +166,10 @@ class EngineCache:
         return self.engine_path(key).read_bytes()
 
     def store(self, key: EngineCacheKey, engine: bytes) -> None:
-        """Write the engine, then its key, each atomically. Raises ``OSError`` (disk full, read-only)."""
+        """Write the engine, then its key, each atomically and durably. Raises ``OSError`` (disk full, read-only)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_atomic(self.engine_path(key), engine)
-        _write_atomic(self.key_path(key), key.to_json())
-        _fsync_dir(self.directory)
+        write_atomic(self.engine_path(key), engine, mode=0o600)
+        write_atomic(self.key_path(key), key.to_json(), mode=0o600)
 
     def discard(self, key: EngineCacheKey) -> None:
         """Delete the entry for ``key``, key first so a half-deleted entry is never judged a hit."""
@@ -174,29 +177,51 @@ class EngineCache:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def prune(self, keep_package_sha256: set[str]) -> list[Path]:
+        """Delete every engine not built from one of ``keep_package_sha256`` (``package_sha256`` values).
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames durable across power loss; some file systems cannot fsync a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
+        Also deleted: engines whose key file is missing or unreadable, key files without
+        an engine, and temporary files left by an interrupted write. Each entry goes key
+        first, as in ``discard``. Returns the deleted paths (sorted); a missing cache
+        directory is an empty cache. Raises ``OSError`` when a file cannot be deleted.
+        """
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            names = sorted(p.name for p in self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+        present = set(names)
+        doomed: list[Path] = []
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                doomed.append(self.directory / name)  # a write_atomic temporary file
+                continue
+            stem, dot, suffix = name.rpartition(".")
+            if not dot or suffix not in ("engine", "json"):
+                continue  # not ours: leave it
+            if suffix == "json":
+                if f"{stem}.engine" not in present:
+                    doomed.append(self.directory / name)
+                continue
+            key_file = self.directory / f"{stem}.json"
+            if not self._keeps(key_file, keep_package_sha256):
+                doomed += [key_file] if key_file.name in present else []
+                doomed.append(self.directory / name)
+        for path in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if doomed:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.directory)
+            log.info("pruned %d file(s) from the TensorRT engine cache %s", len(doomed), self.directory)
+        return sorted(doomed)
+
+    @staticmethod
+    def _keeps(key_file: Path, keep: set[str]) -> bool:
+        try:
+            key = EngineCacheKey.from_json(key_file.read_bytes())
+        except (OSError, ValueError, UnicodeDecodeError, TypeError):
+            return False
+        return key.package_sha256 in keep
 
 
 Engine = TypeVar("Engine")

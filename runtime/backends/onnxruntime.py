@@ -2,6 +2,10 @@
 
 Also runs the Q/DQ ONNX graphs of ``tensorrt-onnx`` packages, at a lower priority than
 the TensorRT backend, so the compiler can check them numerically on a host.
+
+Threads: ``InferenceSession.run`` may be called from several threads at once (ONNX Runtime
+documents it; each call gets its own execution state), so loaded models say
+``thread_safe=True`` and the Session does not serialize them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeship.errors import BackendUnavailableError, ModelLoadError, UsageError
+from edgeship.errors import BackendUnavailableError, ModelLoadError, SessionClosedError, UsageError
 from edgeship.runtime.backends.base import Backend, BackendOptions, LoadedModel, TensorInfo
 from edgeship.runtime.package.manifest import Manifest
 
@@ -68,17 +72,20 @@ class OnnxRuntimeBackend(Backend):
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"ONNX Runtime refused {artifact.name}: {str(exc).strip().splitlines()[0]}") from None
-        return _OrtModel(session)
+        return _OrtModel(session, f"onnxruntime {ort.__version__}")
 
 
 class _OrtModel(LoadedModel):
-    def __init__(self, session: Any) -> None:
+    thread_safe = True  # InferenceSession.run is documented as safe to call concurrently
+
+    def __init__(self, session: Any, library: str) -> None:
         self._session = session
+        self.library = library
         self.inputs = tuple(_info(i) for i in session.get_inputs())
         self.outputs = tuple(_info(o) for o in session.get_outputs())
         self._in_names = [t.name for t in self.inputs]
         self._out_names = [t.name for t in self.outputs]
-        self._run = session.run
+        self._run: Any = session.run  # looked up once (hot path); close() drops it, it keeps the session alive
 
     def run(self, feeds: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         result: list[np.ndarray[Any, Any]] = self._run(self._out_names, dict(zip(self._in_names, feeds)))
@@ -86,6 +93,11 @@ class _OrtModel(LoadedModel):
 
     def close(self) -> None:
         self._session = None
+        self._run = _closed
+
+
+def _closed(*_args: Any) -> Any:
+    raise SessionClosedError("this ONNX Runtime model was closed")
 
 
 def _info(arg: Any) -> TensorInfo:

@@ -277,6 +277,10 @@ def _numpy_dtype(trt: ModuleType, trt_dtype: Any, name: str) -> np.dtype[Any]:
 class _TensorRTModel(LoadedModel):
     """A deserialized engine with one execution context and its device buffers. Not thread-safe."""
 
+    # An IExecutionContext holds the bound shapes, tensor addresses and the profile in use, and
+    # TensorRT says one context must not be used by two threads at once: the Session serializes.
+    thread_safe = False
+
     def __init__(self, trt: ModuleType, cudart: ModuleType, runtime: Any, engine: Any, spec: BuildSpec) -> None:
         self._runtime = runtime  # must outlive the engine
         self._engine = engine
@@ -294,6 +298,7 @@ class _TensorRTModel(LoadedModel):
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(info)
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
+        self.library = f"tensorrt {trt.__version__}"
         self._buffers = _DeviceBuffers(cudart)
 
     def run(self, feeds: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
@@ -348,6 +353,7 @@ class _TensorRTModel(LoadedModel):
     def close(self) -> None:
         self._context = None
         self._engine = None
+        self._runtime = None
         self._buffers.close()
 
 

@@ -24,7 +24,14 @@ from edgeship.runtime.package.signing import (
     verify_signature,
     write_keypair,
 )
-from edgeship.runtime.package.verify import DEFAULT_LIMITS, Limits, VerifiedManifest, check_manifest
+from edgeship.runtime.package.verify import (
+    DEFAULT_LIMITS,
+    Limits,
+    MemberLedger,
+    PackageTrust,
+    VerifiedManifest,
+    check_manifest,
+)
 from edgeship.runtime.package.writer import collect_directory, write_package
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "Golden",
     "Limits",
     "Manifest",
+    "MemberLedger",
+    "PackageTrust",
     "Preprocessing",
     "Provenance",
     "Quantization",

@@ -1,9 +1,10 @@
 """Reading model packages: verify before trusting, stream, and unpack without surprises.
 
 The package is an uncompressed tar. ``manifest.json`` and ``manifest.sig`` come first,
-so the manifest is verified (``verify.check_manifest``) before any other member is read.
+so the manifest is verified (``verify.PackageTrust``) before any other member is read.
 Every other member must then be a regular file that the manifest lists, with the listed
-size and SHA-256; anything else is refused with a ``PackageError`` subclass.
+size and SHA-256 (``verify.MemberLedger`` decides); anything else is refused with a
+``PackageError`` subclass. This module only reads tar headers and bytes and writes files.
 
 Python's ``tarfile`` is used only to parse headers; this module never calls its
 ``extract*`` methods (their safety filters need Python 3.12, devices run 3.10).
@@ -23,17 +24,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgeship.errors import (
-    IntegrityError,
-    ManifestError,
     PackageError,
     PackageFormatError,
     SizeLimitError,
     UnpackError,
     UnsafeMemberError,
 )
-from edgeship.runtime.package.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, validate_member_path
+from edgeship.runtime.durable import fsync_dir, fsync_file
+from edgeship.runtime.package.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry
 from edgeship.runtime.package.signing import TrustedKeys
-from edgeship.runtime.package.verify import DEFAULT_LIMITS, Limits, VerifiedManifest, check_manifest
+from edgeship.runtime.package.verify import DEFAULT_LIMITS, Limits, MemberLedger, PackageTrust, VerifiedManifest
+
+__all__ = ["CHUNK", "Progress", "fsync_dir", "read_manifest", "unpack_package", "verify_package"]
 
 CHUNK = 1 << 20
 Progress = Callable[[int, int], None]
@@ -56,8 +58,11 @@ def read_manifest(
 
     Raises a ``PackageError`` subclass when the file is not a package or the manifest is not trusted.
     """
+    trust = PackageTrust(
+        trusted_keys, check_signature=check_signature, last_installed_version=last_installed_version, limits=limits
+    )
     with _open_tar(path) as tar:
-        return _read_head(tar, path, trusted_keys, check_signature, last_installed_version, limits)
+        return _read_head(tar, path, trust)
 
 
 def verify_package(
@@ -73,9 +78,12 @@ def verify_package(
 
     Raises a ``PackageError`` subclass naming the first problem found.
     """
+    trust = PackageTrust(
+        trusted_keys, check_signature=check_signature, last_installed_version=last_installed_version, limits=limits
+    )
     with _open_tar(path) as tar:
-        verified = _read_head(tar, path, trusted_keys, check_signature, last_installed_version, limits)
-        for _entry, chunks in _members(tar, verified.manifest, progress):
+        verified = _read_head(tar, path, trust)
+        for _entry, chunks in _members(tar, verified, trust.members(verified), progress):
             for _ in chunks:
                 pass
     return verified
@@ -91,6 +99,7 @@ def unpack_package(
     limits: Limits = DEFAULT_LIMITS,
     progress: Progress | None = None,
     durable: bool = True,
+    manifest_digest: str | None = None,
 ) -> VerifiedManifest:
     """Verify a package and unpack it into ``dest``, all or nothing.
 
@@ -101,13 +110,21 @@ def unpack_package(
     the directory can be verified again later. With ``durable`` (the default) files and
     directories are fsynced before the rename, so a power cut leaves either the whole
     package or no ``dest`` at all (a staging directory left by the cut is removed by the
-    next unpack to the same ``dest``). Raises a ``PackageError`` subclass (``UnpackError`` for
-    destination problems such as a full disk).
+    next unpack to the same ``dest``). ``manifest_digest`` refuses (``IntegrityError``) a
+    package whose manifest is not the one with that ``VerifiedManifest.digest``. Raises a
+    ``PackageError`` subclass (``UnpackError`` for destination problems such as a full disk).
     """
     dest_path = Path(dest)
     _check_destination(dest_path)
+    trust = PackageTrust(
+        trusted_keys,
+        check_signature=check_signature,
+        last_installed_version=last_installed_version,
+        limits=limits,
+        manifest_digest=manifest_digest,
+    )
     with _open_tar(path) as tar:
-        verified = _read_head(tar, path, trusted_keys, check_signature, last_installed_version, limits)
+        verified = _read_head(tar, path, trust)
         manifest = verified.manifest
         _check_free_space(dest_path.parent, manifest.total_size)
         _remove_stale_partials(dest_path)
@@ -119,7 +136,7 @@ def unpack_package(
         try:
             _write_file(staging / MANIFEST_NAME, [verified.raw], durable)
             _write_file(staging / SIGNATURE_NAME, [verified.signature], durable)
-            for entry, chunks in _members(tar, manifest, progress):
+            for entry, chunks in _members(tar, verified, trust.members(verified), progress):
                 target = staging / entry.path
                 _make_dirs(target.parent, staging)
                 _write_file(target, chunks, durable)
@@ -129,11 +146,16 @@ def unpack_package(
                 os.rename(staging, dest_path)
             except OSError as exc:
                 raise UnpackError(f"cannot move the unpacked package to {dest_path}: {exc.strerror}") from None
-            if durable:
-                fsync_dir(dest_path.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if durable:
+            try:
+                fsync_dir(dest_path.parent)
+            except OSError as exc:
+                # The rename may not survive a power cut: undo it rather than report a half-durable install.
+                shutil.rmtree(dest_path, ignore_errors=True)
+                raise _unpack_error(exc, dest_path.parent) from None
     return verified
 
 
@@ -213,15 +235,9 @@ def _read_small(tar: tarfile.TarFile, info: tarfile.TarInfo, cap: int) -> bytes:
     return data
 
 
-def _read_head(
-    tar: tarfile.TarFile,
-    path: str | os.PathLike[str],
-    trusted_keys: TrustedKeys | None,
-    check_signature: bool,
-    last_installed_version: int | None,
-    limits: Limits,
-) -> VerifiedManifest:
+def _read_head(tar: tarfile.TarFile, path: str | os.PathLike[str], trust: PackageTrust) -> VerifiedManifest:
     head: list[bytes] = []
+    limits = trust.limits
     for expected, cap in ((MANIFEST_NAME, limits.max_manifest_bytes), (SIGNATURE_NAME, limits.max_signature_bytes)):
         try:
             info = _next(tar)
@@ -234,22 +250,7 @@ def _read_head(
             )
         _check_member_type(info)
         head.append(_read_small(tar, info, cap))
-    return check_manifest(
-        head[0],
-        head[1],
-        trusted_keys=trusted_keys,
-        check_signature=check_signature,
-        last_installed_version=last_installed_version,
-        limits=limits,
-    )
-
-
-def _check_member_header(info: tarfile.TarInfo) -> None:
-    _check_member_type(info)
-    try:
-        validate_member_path(info.name)
-    except ManifestError as exc:
-        raise UnsafeMemberError(f"unsafe member name: {exc}") from None
+    return trust.manifest(head[0], head[1])
 
 
 def _check_member_type(info: tarfile.TarInfo) -> None:
@@ -271,34 +272,25 @@ def _check_member_type(info: tarfile.TarInfo) -> None:
 
 
 def _members(
-    tar: tarfile.TarFile, manifest: Manifest, progress: Progress | None
+    tar: tarfile.TarFile, verified: VerifiedManifest, ledger: MemberLedger, progress: Progress | None
 ) -> Iterator[tuple[FileEntry, Iterator[bytes]]]:
     """Yield each remaining member with an iterator over its verified chunks.
 
-    The chunk iterator raises ``IntegrityError`` after the last chunk if the hash differs,
-    so a consumer that writes chunks must treat its output as unverified until the
-    iterator is exhausted (``unpack_package`` writes into a staging directory for this reason).
+    The ledger decides: each header is admitted before its data is read, and the chunk
+    iterator confirms the hash after the last chunk (raising ``IntegrityError`` if it
+    differs), so a consumer that writes chunks must treat its output as unverified until
+    the iterator is exhausted (``unpack_package`` writes into a staging directory for this
+    reason). After the last member, ``finish`` refuses a package with a missing member.
     """
-    expected = {f.path: f for f in manifest.files}
-    seen: set[str] = set()
-    total = manifest.total_size
+    total = verified.manifest.total_size
     done = 0
     while True:
         info = _next(tar)
         if info is None:
             break
-        _check_member_header(info)
-        if info.name in seen:
-            raise UnsafeMemberError(f"member {info.name!r} appears twice; a second copy could replace a verified file")
-        seen.add(info.name)
-        entry = expected.get(info.name)
-        if entry is None:
-            raise IntegrityError(f"member {info.name!r} is not listed in the manifest; the package was altered")
-        if info.size != entry.size:
-            raise IntegrityError(
-                f"member {info.name!r} is {info.size} bytes in the archive but {entry.size} in the manifest"
-            )
-        chunks = _verified_chunks(tar, info, entry)
+        _check_member_type(info)
+        entry = ledger.admit(info.name, info.size)
+        chunks = _verified_chunks(tar, info, entry, ledger)
         if progress is None:
             yield entry, chunks
         else:
@@ -313,15 +305,12 @@ def _members(
 
             yield entry, reporting()
         done += entry.size
-    missing = sorted(set(expected) - seen)
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise IntegrityError(
-            f"member {missing[0]!r}{more} listed in the manifest is missing; the package is truncated or corrupt"
-        )
+    ledger.finish()
 
 
-def _verified_chunks(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEntry) -> Iterator[bytes]:
+def _verified_chunks(
+    tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEntry, ledger: MemberLedger
+) -> Iterator[bytes]:
     digest = hashlib.sha256()
     remaining = entry.size
     try:
@@ -337,10 +326,7 @@ def _verified_chunks(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEnt
             yield chunk
     except _PARSE_ERRORS as exc:
         raise PackageFormatError(f"package is truncated or damaged inside member {info.name!r} ({exc})") from None
-    if digest.hexdigest() != entry.sha256:
-        raise IntegrityError(
-            f"member {entry.path!r} does not match its SHA-256 in the manifest: the file was altered or corrupted"
-        )
+    ledger.confirm(entry.path, digest.hexdigest())
 
 
 def _check_destination(dest: Path) -> None:
@@ -411,7 +397,7 @@ def _write_file(target: Path, chunks: Iterator[bytes] | list[bytes], durable: bo
                 f.write(chunk)
             f.flush()
             if durable:
-                os.fsync(f.fileno())
+                fsync_file(f.fileno())
     except OSError as exc:  # also a delayed ENOSPC or EIO reported by close()
         raise _unpack_error(exc, target) from None
 
@@ -422,19 +408,9 @@ def _unpack_error(exc: OSError, where: Path) -> UnpackError:
     return UnpackError(f"cannot write {where}: {exc.strerror or exc}")
 
 
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not support fsync on directories
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree_dirs(root: Path) -> None:
-    for dirpath, _dirnames, _filenames in os.walk(root):
-        fsync_dir(Path(dirpath))
+    try:
+        for dirpath, _dirnames, _filenames in os.walk(root):
+            fsync_dir(dirpath)
+    except OSError as exc:
+        raise _unpack_error(exc, root) from None
