@@ -116,3 +116,7 @@ class TargetNotListedError(UpdateTrustError):
 
 class TargetMismatchError(UpdateTrustError):
     """A downloaded package's length or hash differs from the fleet's signed targets metadata."""
+
+
+class BrokerError(EdgeshipError):
+    """A local MQTT broker process (mosquitto) could not be started, did not listen, or died."""

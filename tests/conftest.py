@@ -26,4 +26,4 @@ settings.register_profile("dev", deadline=None, max_examples=50)
 settings.register_profile("deep", deadline=None, max_examples=5000, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-pytest_plugins = ["tests.package_fixtures", "tests.model_fixtures"]
+pytest_plugins = ["tests.package_fixtures", "tests.model_fixtures", "tests.brokers"]
