@@ -59,7 +59,7 @@ $(STAMP310): pyproject.toml constraints-py310.txt
 	fi
 	[ -x $(VENV310)/bin/python ] || $(PYTHON310) -m venv $(VENV310)
 	$(VENV310)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
-	$(VENV310)/bin/python -m pip install $(PIP_QUIET) -c constraints-py310.txt -e '.[litert,ort,agent]' pytest hypothesis
+	$(VENV310)/bin/python -m pip install $(PIP_QUIET) -c constraints-py310.txt -e '.[litert,ort,agent]' pytest hypothesis onnx
 	touch $@
 
 $(STAMPTFL): pyproject.toml constraints-tflite.txt
