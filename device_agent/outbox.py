@@ -64,15 +64,15 @@ class Outbox:
             db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._meta("next_seq")
+                # Make room first, so a message that reports the drop count includes its own.
+                self._count_dropped(self._enforce_budget(extra=1))
                 payload = build(seq)
                 db.execute("INSERT INTO outbox VALUES (?, ?, ?)", (seq, topic, payload))
                 db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
                 self._count += 1
                 self._bytes += len(payload)
-                dropped = self._enforce_budget()
+                self._count_dropped(self._enforce_budget())
                 db.execute("UPDATE meta SET value = ? WHERE key = 'bytes'", (self._bytes,))
-                if dropped:
-                    db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (dropped,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -83,10 +83,15 @@ class Outbox:
             listener()
         return seq
 
-    def _enforce_budget(self) -> int:
+    def _count_dropped(self, dropped: int) -> None:
+        if dropped:
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (dropped,))
+
+    def _enforce_budget(self, extra: int = 0) -> int:
+        """Delete the oldest rows until ``extra`` more fit in the budget; return how many were deleted."""
         dropped = 0
-        while self._count > 1 and (self._count > self.max_messages or self._bytes > self.max_bytes):
-            over = max(self._count - self.max_messages, 1)
+        while self._count > 0 and (self._count + extra > self.max_messages or self._bytes > self.max_bytes):
+            over = max(self._count + extra - self.max_messages, 1)
             rows = self._db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq LIMIT ?", (over,)).fetchall()
             if not rows:
                 break

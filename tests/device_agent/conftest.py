@@ -76,15 +76,19 @@ def agent_config(tmp_path: Path, publisher_files: Publisher) -> Callable[..., Pa
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, mosquitto: Any, publisher_files: Publisher) -> Any:
-    """A real TUF repository served over HTTP, and the fleet's MQTT client on the test's broker."""
-    from edgeship.fleet.static_server import serve_directory
-    from edgeship.fleet.tuf_repo import TufRepository
+def fleet(request: pytest.FixtureRequest, tmp_path: Path, mosquitto: Any, publisher_files: Publisher) -> Any:
+    """A real TUF repository served over HTTP, and the fleet's MQTT client on the test's broker.
+
+    Parametrize indirectly with an ``Expiry`` for short-lived metadata."""
+    from edgeship.fleet.tuf_repo import Expiry, TufRepository
     from edgeship.runtime.package import TrustedKeys, load_public_key
     from tests.device_agent.fleet_side import FleetSide
+    from tests.fleet.faulty_server import serve_faulty
 
-    repo = TufRepository.create(tmp_path / "repo", keys_dir=tmp_path / "repo-keys")
-    server = serve_directory(tmp_path / "repo")
+    expiry = getattr(request, "param", None) or Expiry()
+    repo = TufRepository.create(tmp_path / "repo", keys_dir=tmp_path / "repo-keys", expiry=expiry)
+    # The real static server with fault hooks that stay idle unless a test arms them.
+    server = serve_faulty(tmp_path / "repo")
     side = FleetSide(mosquitto, repo, server, TrustedKeys.of([load_public_key(publisher_files.pub_path)]))
     (tmp_path / "root.json").write_bytes(repo.root_bytes())
     yield side

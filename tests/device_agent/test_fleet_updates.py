@@ -243,3 +243,25 @@ def test_local_install_through_the_running_agents_endpoint(fleet, packages, star
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(bad, timeout=10)
     assert err.value.code == 401
+
+
+def test_no_request_fails_while_an_update_downloads_validates_and_switches(fleet, packages, start_agent):
+    agent = start_agent(updates={"bandwidth_kib_s": 4096})
+    install(fleet, packages, 1)
+    stop, failures, served = threading.Event(), [], []
+    workers = [threading.Thread(target=load, args=(agent, stop, failures, served)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        fleet.wait(lambda: len(served) > 30, "traffic on v1")
+        dep = fleet.deploy(fleet.publish(packages(version=2, padding_mib=8)))
+        end = fleet.wait_end(dep)
+        fleet.wait(lambda: served[-1] == "sensor-net/2/B", "traffic on v2")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert end["state"] == "COMMITTED"
+    assert failures == []
+    switch = served.index("sensor-net/2/B")
+    assert set(served[:switch]) == {"sensor-net/1/A"} and len(served) - switch > 0
