@@ -12,7 +12,18 @@ HEAVY = ("torch", "tensorflow", "onnx", "coremltools", "jax", "litert_torch")
 
 @pytest.mark.py310
 @pytest.mark.parametrize(
-    "module", ["edgeship.runtime", "edgeship.runtime.package", "edgeship.device_agent", "edgeship.cli"]
+    "module",
+    [
+        "edgeship.runtime",
+        "edgeship.runtime.package",
+        "edgeship.runtime.check",
+        "edgeship.device_agent",
+        "edgeship.device_agent.daemon",
+        "edgeship.device_agent.mqtt_link",
+        "edgeship.device_agent.tuf_client",
+        "edgeship.cli",
+        "edgeship.cli.agent",
+    ],
 )
 def test_device_side_imports_without_heavy_frameworks(module: str):
     code = f"import sys, {module}; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"

@@ -143,6 +143,32 @@ def status(config: Path = ConfigOption, as_json: bool = typer.Option(False, "--j
         console.print(f"quarantined: {q.name} v{q.version} ({q.reason}, deployment {q.deployment_id})")
 
 
+@app.command("verify")
+def verify(config: Path = ConfigOption) -> None:
+    """Re-hash every installed slot against the manifest digest pinned at install (the agent itself does
+    this only after an unclean stop). Exits 3 when a slot no longer matches. Safe while the agent runs."""
+    from edgeship.device_agent.store import StateStore
+    from edgeship.errors import PackageError
+    from edgeship.runtime.package import TrustedKeys, verify_directory
+
+    cfg = _config(config)
+    store = StateStore(cfg.data_dir)
+    state = store.load()
+    keys = TrustedKeys.load(cfg.updates.signing_keys)
+    bad = 0
+    for slot, record in state.slots.items():
+        if record is None:
+            continue
+        try:
+            verify_directory(store.slot_dir(slot), trusted_keys=keys, manifest_digest=record.digest, rehash=True)
+            console.print(f"slot {slot}: {record.name} v{record.version} OK{' (active)' if state.active == slot else ''}")
+        except PackageError as exc:
+            bad += 1
+            console.print(f"slot {slot}: {record.name} v{record.version} DAMAGED: {exc}")
+    if bad:
+        raise PackageError(f"{bad} slot(s) no longer match what was installed; reinstall from the fleet or a package file")
+
+
 @app.command("config-example")
 def config_example() -> None:
     """Print an annotated agent.yaml to start from."""

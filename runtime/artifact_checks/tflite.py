@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 from edgeship.errors import ArtifactError
@@ -18,7 +19,30 @@ _QUANTIZATION_VECTORS = ((0, 4, "quantization min"), (1, 4, "quantization max"),
 _OP_OPCODE, _OP_CUSTOM_OPTIONS, _OP_LARGE_CUSTOM_OFFSET, _OP_LARGE_CUSTOM_SIZE = 0, 5, 9, 10
 _OP_OUTPUTS = 2
 _OP_OPERANDS = ((1, "input"), (_OP_OUTPUTS, "output"), (8, "intermediate"))
-_OPCODE_CUSTOM_CODE = 1
+_OPCODE_DEPRECATED_BUILTIN, _OPCODE_CUSTOM_CODE, _OPCODE_BUILTIN = 0, 1, 3
+
+# Operators whose inputs may be omitted (index -1), and which inputs (None: any input after the first).
+# An omitted input anywhere else is damage: LiteRT 2.3 dereferences it and dies of SIGSEGV (seen for
+# RESHAPE input 1, TRANSPOSE input 0, and, with XNNPACK, DEPTHWISE_CONV_2D and FULLY_CONNECTED input 1).
+# Codes from schema.fbs BuiltinOperator; bias inputs and the recurrent ops' optional weights and states.
+_OMITTABLE_INPUTS: dict[int, frozenset[int] | None] = {
+    3: frozenset({2}),  # CONV_2D: bias
+    4: frozenset({2}),  # DEPTHWISE_CONV_2D: bias
+    9: frozenset({2}),  # FULLY_CONNECTED: bias
+    67: frozenset({3}),  # TRANSPOSE_CONV: bias
+    132: frozenset({2}),  # CONV_3D: bias
+    141: frozenset({3}),  # CONV_3D_TRANSPOSE: bias
+    27: frozenset({3}),  # SVDF: bias
+    16: None,  # LSTM
+    24: None,  # RNN
+    35: None,  # UNIDIRECTIONAL_SEQUENCE_RNN
+    44: None,  # UNIDIRECTIONAL_SEQUENCE_LSTM
+    46: None,  # BIDIRECTIONAL_SEQUENCE_RNN
+    52: None,  # BIDIRECTIONAL_SEQUENCE_LSTM
+    32: None,  # CUSTOM: the custom kernel decides
+}
+_I8 = struct.Struct("<b")
+_I32 = struct.Struct("<i")
 _BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
 _METADATA_NAME, _METADATA_BUFFER = 0, 1
 _SIGNATURE_KEY, _SIGNATURE_SUBGRAPH = 2, 4
@@ -62,8 +86,10 @@ def _check_tflite_buffer(buf: Buffer, name: str) -> None:
         raise ArtifactError(f"{name} has TFLite schema version {version}, not 3; {REBUILD} with a current converter")
 
     opcodes = model.required_vector(_MODEL_OPCODES, 4, "operator code")
+    builtin_codes = []
     for opcode in opcodes.tables():
         opcode.string(_OPCODE_CUSTOM_CODE, "custom code")
+        builtin_codes.append(_builtin_code(opcode))
     subgraphs = model.required_vector(_MODEL_SUBGRAPHS, 4, "subgraph")
     if subgraphs.length == 0:
         fb.fail("", "has no subgraph")
@@ -75,7 +101,7 @@ def _check_tflite_buffer(buf: Buffer, name: str) -> None:
         filled[index] = (data is not None and data.length > 0) or outside
     model.string(_MODEL_DESCRIPTION, "description")
 
-    tensor_counts = [_check_subgraph(subgraph, opcodes.length, filled) for subgraph in subgraphs.tables()]
+    tensor_counts = [_check_subgraph(subgraph, builtin_codes, filled) for subgraph in subgraphs.tables()]
 
     metadata_buffers = model.vector(_MODEL_METADATA_BUFFER, 4, "metadata buffer")
     if metadata_buffers is not None:
@@ -113,7 +139,36 @@ def _check_outside_data(table: FlatTable, offset_field: int, size_field: int) ->
     return offset > 1 and size > 0
 
 
-def _check_subgraph(subgraph: FlatTable, n_opcodes: int, filled: bytearray) -> int:
+def _builtin_code(opcode: FlatTable) -> int:
+    """The operator's builtin code: the larger of ``builtin_code`` and the older one-byte field (schema.fbs)."""
+    deprecated = builtin = 0
+    pos = opcode.field(_OPCODE_DEPRECATED_BUILTIN, 1, "deprecated builtin code")
+    if pos is not None:
+        deprecated = opcode.reader.read(_I8, pos, (opcode.what, "deprecated builtin code"))
+    pos = opcode.field(_OPCODE_BUILTIN, 4, "builtin code")
+    if pos is not None:
+        builtin = opcode.reader.read(_I32, pos, (opcode.what, "builtin code"))
+    return max(deprecated, builtin)
+
+
+def _check_omitted_inputs(operator: FlatTable, code: int) -> None:
+    """Raise unless every omitted (-1) input of ``operator`` is one its operator may omit."""
+    inputs = operator.vector(1, 4, "input")
+    if inputs is None or inputs.length == 0:
+        return
+    values = struct.unpack_from(f"<{inputs.length}i", operator.reader.buf, inputs.start)
+    if -1 not in values:
+        return
+    allowed = _OMITTABLE_INPUTS.get(code, frozenset())
+    for position, value in enumerate(values):
+        omittable = position > 0 if allowed is None else position in allowed
+        if value == -1 and not omittable:
+            operator.reader.fail(
+                operator.what, f"omits input {position}, which builtin operator {code} requires (the model is damaged)"
+            )
+
+
+def _check_subgraph(subgraph: FlatTable, builtin_codes: list[int], filled: bytearray) -> int:
     """Check one subgraph; return its number of tensors.
 
     Besides ranges: a subgraph input or an operator output must not be a constant tensor
@@ -142,13 +197,14 @@ def _check_subgraph(subgraph: FlatTable, n_opcodes: int, filled: bytearray) -> i
     outputs.check_indices(0, n_tensors, (subgraph.what, "output tensor"))
 
     for operator in operators.tables():
-        _check_index(operator, _OP_OPCODE, "operator code", n_opcodes)
+        opcode = _check_index(operator, _OP_OPCODE, "operator code", len(builtin_codes))
         for field, name in _OP_OPERANDS:
             operands = operator.vector(field, 4, name)
             if operands is not None:
                 # -1 marks an omitted optional operand.
                 written = constant if field == _OP_OUTPUTS else None
                 operands.check_indices(-1, n_tensors, (operator.what, name, "tensor"), written)
+        _check_omitted_inputs(operator, builtin_codes[opcode])
         operator.vector(_OP_CUSTOM_OPTIONS, 1, "custom options")
         _check_outside_data(operator, _OP_LARGE_CUSTOM_OFFSET, _OP_LARGE_CUSTOM_SIZE)
     return n_tensors
