@@ -22,6 +22,7 @@ each with a one-line message saying what was wrong and what the operator does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ from edgeship.errors import (
     UpdateError,
     UpdateTrustError,
 )
+from edgeship.runtime.durable import fsync_dir, fsync_file
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,11 @@ class UpdateTrust:
         with self._lock, self._translated():
             self.metadata_dir.mkdir(parents=True, exist_ok=True)
             updater = self._updater()
-            updater.refresh()
-            info = updater.get_targetinfo(target_path)
+            try:
+                updater.refresh()
+                info = updater.get_targetinfo(target_path)
+            finally:
+                _sync_cache(self.metadata_dir)
             # The root ngclient ended up trusting decides the URL form, as in Updater.download_target.
             consistent = bool(updater._trusted_set.root.consistent_snapshot)
             prefix = updater.config.prefix_targets_with_hash
@@ -220,3 +225,19 @@ def _with_slash(url: str) -> str:
 
 
 __all__ = ["OfferedTarget", "UpdateTrust", "verify_file"]
+
+
+def _sync_cache(directory: Path) -> None:
+    """Make python-tuf's metadata cache durable (ngclient writes it without fsync).
+
+    After a power cut the device must still hold the newest metadata versions it accepted,
+    or a replay of older metadata would pass its next check (TUF's rollback protection
+    rests on them). The cache is a few small files; this costs a few fsyncs per lookup.
+    """
+    for path in [directory, *(p for p in directory.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        for item in path.iterdir():
+            if item.is_file() and not item.is_symlink():
+                with contextlib.suppress(OSError):
+                    fsync_file(item)
+        with contextlib.suppress(OSError):
+            fsync_dir(path)
