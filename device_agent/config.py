@@ -127,6 +127,7 @@ class OtaDefaults:
     max_error_rate: float = 0.01
     max_latency_ratio: float | None = 3.0
     min_agreement: float | None = None
+    latency_slack_ms: float = 1.0
     command_max_age_s: float = 7 * 86400.0
 
 

@@ -255,6 +255,7 @@ HEALTH = _object(
         "min_requests": _int(0, 10_000_000),
         "max_error_rate": _num(0, 1),
         "max_latency_ratio": _nullable(_num(0)),
+        "latency_slack_ms": _num(0),
         "min_agreement": _nullable(_num(0, 1)),
     },
 )

@@ -70,10 +70,29 @@ class ActiveModel:
             value = self._latency.percentile(percentile)
         return None if value is None else value * 1e3
 
-    def latency_summary(self) -> dict[str, Any]:
-        """Requests, errors, p50 and p99 so far: the baseline a health window compares a new model with."""
-        requests, errors = self.counts()
-        return {"requests": requests, "errors": errors, "p50_ms": self.latency_ms(50), "p99_ms": self.latency_ms(99)}
+    def latency_counts(self) -> list[int]:
+        """The latency histogram's bucket counts so far (to measure a later window by difference)."""
+        with self._stat_lock:
+            return list(self._latency.counts)
+
+    def latency_summary(self, since: list[int] | None = None) -> dict[str, Any]:
+        """Requests, p50 and p99 (ms) of the successful requests so far, or since ``since`` (``latency_counts()``
+        taken earlier): the baseline a health window compares a new model with."""
+        with self._stat_lock:
+            counts = list(self._latency.counts)
+            errors = self._errors
+        if since is not None and len(since) == len(counts):
+            counts = [max(a - b, 0) for a, b in zip(counts, since)]
+        window = LatencyHistogram()
+        window.counts = counts
+        window.total = sum(counts)
+        p50, p99 = window.percentile(50), window.percentile(99)
+        return {
+            "requests": window.total,
+            "errors": errors,
+            "p50_ms": None if p50 is None else p50 * 1e3,
+            "p99_ms": None if p99 is None else p99 * 1e3,
+        }
 
     def _record(self, seconds: float, failed: bool) -> None:
         with self._stat_lock:

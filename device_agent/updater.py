@@ -367,7 +367,7 @@ class Updater:
             )
             return
         request = {k: message[k] for k in ("validation", "shadow", "health") if message.get(k) is not None}
-        request["baseline"] = self._baseline()
+        request.update(self._baseline())
         new = Deployment(
             deployment_id=dep_id,
             target_path=message["target_path"],
@@ -379,9 +379,13 @@ class Updater:
         self.state = replace(self.state.remember(dep_id), ota=new)
         self._feed(Outcome(Event.DEPLOY))
 
-    def _baseline(self) -> dict[str, Any] | None:
+    def _baseline(self) -> dict[str, Any]:
+        """The serving model's latency when a deployment begins, and its histogram (to measure the load
+        of the coming minutes by difference when the new model is activated)."""
         current = self.holder.current
-        return current.latency_summary() if current is not None else None
+        if current is None:
+            return {}
+        return {"baseline": current.latency_summary(), "baseline_counts": current.latency_counts()}
 
     def _local(self, path: str, health_window_s: float, done: queue.Queue[Deployment]) -> None:
         current = self.state.ota
@@ -402,7 +406,7 @@ class Updater:
             target_path=str(Path(path).resolve()),
             state=current.state if current is not None else State.IDLE,
             source="local",
-            request={"health": {"window_s": health_window_s}, "baseline": self._baseline()},
+            request={"health": {"window_s": health_window_s}, **self._baseline()},
             previous_slot=self.state.active,
         )
         self.state = replace(self.state.remember(dep_id), ota=new)
@@ -722,6 +726,15 @@ class Updater:
             raise UpdateError("nothing is staged to activate (journal inconsistent)")
         info = dict(dep.target)
         current = self.holder.current
+        if current is not None and current.slot != slot and "baseline_counts" in dep.request:
+            # The previous model under the load of the last minutes (the requests it served while this
+            # deployment downloaded and validated), when there were enough of them: the new model will
+            # be judged under that same load, not under the load of whenever the previous one started.
+            recent = current.latency_summary(since=dep.request["baseline_counts"])
+            request = {k: v for k, v in dep.request.items() if k != "baseline_counts"}
+            if recent["requests"] >= LATENCY_MIN_REQUESTS:
+                request["baseline"] = recent
+            dep = replace(dep, request=request)
         # The switch: one atomic replace of state.json names the new slot active.
         self.save(replace(self.state, active=slot, ota=replace(dep, target=info)))
         if current is not None and current.slot == slot and current.record.digest == record.digest:
@@ -848,11 +861,14 @@ def _health_defaults(config: AgentConfig) -> dict[str, Any]:
         "max_error_rate": d.max_error_rate,
         "max_latency_ratio": d.max_latency_ratio,
         "min_agreement": d.min_agreement,
+        "latency_slack_ms": d.latency_slack_ms,
     }
 
 
 EARLY_MIN_REQUESTS = 20
-"""Requests needed before a gate may fail early, before the window ends (noise guard)."""
+"""Requests needed before the error-rate gate may fail early, before the window ends (noise guard)."""
+LATENCY_MIN_REQUESTS = 100
+"""Requests needed on each side before latencies are compared (a p99 of fewer says little)."""
 
 
 def _judge(
@@ -866,9 +882,12 @@ def _judge(
 ) -> tuple[str, str] | None:
     """The health gates; returns (code, message) of the first breached gate or None.
 
-    Latency is compared at p50 and p99 with the previous model's, measured while it served
-    before the deployment began (``baseline``): not during the download and the validation
-    child, whose CPU use would make the old model look slow.
+    Latency is compared at p50 and p99 with the previous model's (``baseline``: measured while it
+    served during this deployment, under the same load, or before it began when there were too
+    few requests), at the end of the window or once 500 requests were seen, with at least 100
+    requests on each side. A breach needs both the ratio and an absolute increase over
+    ``latency_slack_ms`` (1 ms by default): sub-millisecond differences are scheduling noise on a
+    busy CPU, not a model that got slower.
     """
     requests, errors = counts
     enough = requests >= EARLY_MIN_REQUESTS
@@ -878,11 +897,19 @@ def _judge(
             f"{errors} of {requests} requests failed on the new model (limit {float(params['max_error_rate']):.1%})",
         )
     ratio = params.get("max_latency_ratio")
-    if ratio is not None and baseline and int(baseline.get("requests") or 0) >= EARLY_MIN_REQUESTS and enough:
+    latency_judged = final or requests >= 5 * LATENCY_MIN_REQUESTS
+    if (
+        ratio is not None
+        and baseline
+        and latency_judged
+        and int(baseline.get("requests") or 0) >= LATENCY_MIN_REQUESTS
+        and requests >= LATENCY_MIN_REQUESTS
+    ):
+        slack = float(params.get("latency_slack_ms", 1.0))
         for pct, key in ((50, "p50_ms"), (99, "p99_ms")):
             old = baseline.get(key)
             new = model.latency_ms(pct)
-            if old and new is not None and new > float(ratio) * float(old):
+            if old and new is not None and new > float(ratio) * float(old) and new - float(old) > slack:
                 return "latency", (
                     f"p{pct} latency {new:.2f} ms is over {float(ratio):g}x the previous model's {float(old):.2f} ms"
                 )
