@@ -21,7 +21,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_TH
 
 .PHONY: demo test lint typecheck unit test310 install install310 installtfl mosquitto clean
 
-demo: install
+demo: install mosquitto
 	$(TEST_ENV) $(PY) -m examples.demo
 
 test: install install310 installtfl mosquitto lint typecheck unit test310
@@ -53,6 +53,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[all,dev]'
 	touch $@
 
+# onnx only for the tests, which build small models with it; the device-side code never imports it.
 $(STAMP310): pyproject.toml constraints-py310.txt
 	@if [ -z "$(PYTHON310)" ]; then \
 	  echo "python3.10 not found: install it to run the device-side tests on Python 3.10" >&2; exit 1; \

@@ -52,7 +52,9 @@ class FleetConsole:
         )
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
-        self.client.subscribe([(f"edgeship/v1/{FLEET}/+/{channel}", 1) for channel in ("status", "telemetry", "events")])
+        self.client.subscribe(
+            [(f"edgeship/v1/{FLEET}/+/{channel}", 1) for channel in ("status", "telemetry", "events")]
+        )
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:

@@ -161,12 +161,16 @@ def verify(config: Path = ConfigOption) -> None:
             continue
         try:
             verify_directory(store.slot_dir(slot), trusted_keys=keys, manifest_digest=record.digest, rehash=True)
-            console.print(f"slot {slot}: {record.name} v{record.version} OK{' (active)' if state.active == slot else ''}")
+            console.print(
+                f"slot {slot}: {record.name} v{record.version} OK{' (active)' if state.active == slot else ''}"
+            )
         except PackageError as exc:
             bad += 1
             console.print(f"slot {slot}: {record.name} v{record.version} DAMAGED: {exc}")
     if bad:
-        raise PackageError(f"{bad} slot(s) no longer match what was installed; reinstall from the fleet or a package file")
+        raise PackageError(
+            f"{bad} slot(s) no longer match what was installed; reinstall from the fleet or a package file"
+        )
 
 
 @app.command("config-example")

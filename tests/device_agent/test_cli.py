@@ -12,7 +12,9 @@ pytestmark = pytest.mark.py310
 
 
 def edgeship(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgeship", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgeship", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_install_status_verify_round_trip(agent_config, packages):
@@ -50,14 +52,19 @@ def test_a_refused_install_is_one_line_and_a_non_zero_exit(agent_config, package
     ],
 )
 def test_usage_errors_are_one_line(args, says, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "edgeship", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeship", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_bad_config_names_the_key(agent_config):
     cfg = agent_config(telemetry={"intervall_s": 3})
     result = edgeship("agent", "run", "--config", cfg)
-    assert result.returncode == 2 and "telemetry.intervall_s: unknown setting; did you mean telemetry.interval_s?" in result.stderr
+    assert (
+        result.returncode == 2
+        and "telemetry.intervall_s: unknown setting; did you mean telemetry.interval_s?" in result.stderr
+    )
 
 
 def test_help_and_examples_are_printed():

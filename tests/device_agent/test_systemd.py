@@ -91,6 +91,8 @@ def test_the_unit_file_is_valid_and_hardened(tmp_path):
     path.write_text(unit)
     verify = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
-    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)], capture_output=True, text=True)
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(path)], capture_output=True, text=True
+    )
     exposure = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
     assert exposure is not None and float(exposure.group(1)) <= 4.0, security.stdout[-400:]
