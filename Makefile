@@ -37,7 +37,7 @@ unit: install mosquitto
 	$(TEST_ENV) $(VENV)/bin/pytest -n 2
 
 test310: install310
-	$(TEST_ENV) $(VENV310)/bin/pytest -m py310 -p no:cacheprovider -q
+	$(TEST_ENV) $(VENV310)/bin/pytest -m py310 -p no:cacheprovider -q -n 2
 
 install: $(STAMP)
 install310: $(STAMP310)
@@ -60,7 +60,7 @@ $(STAMP310): pyproject.toml constraints-py310.txt
 	fi
 	[ -x $(VENV310)/bin/python ] || $(PYTHON310) -m venv $(VENV310)
 	$(VENV310)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
-	$(VENV310)/bin/python -m pip install $(PIP_QUIET) -c constraints-py310.txt -e '.[litert,ort,agent]' pytest hypothesis onnx
+	$(VENV310)/bin/python -m pip install $(PIP_QUIET) -c constraints-py310.txt -e '.[litert,ort,agent]' pytest pytest-xdist hypothesis onnx
 	touch $@
 
 $(STAMPTFL): pyproject.toml constraints-tflite.txt

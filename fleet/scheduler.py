@@ -1,0 +1,410 @@
+"""The scheduler: advances rollouts, exactly once, from any number of fleet processes.
+
+Every ``tick`` the scheduler looks at the rollouts that need work and *leases* each one before
+touching it: an ``UPDATE ... WHERE lease expired or ours`` that only one process can win (the
+same statement works on SQLite and PostgreSQL). The lease holder then, in one transaction:
+
+1. starts a pending rollout, adds devices that enrolled since and match its selector;
+2. asks ``rollout_logic.decide`` what to do with the current wave and records it: devices to
+   command (state ``commanded``, a deterministic deployment id ``r<rollout>-<device>``), devices
+   timed out, the wave done, the wave judged against its gates;
+3. halts a wave that breaches a gate and rolls it back (state ``rolling_back``): the previous
+   package is re-published with the fleet's signed permission to go down to it
+   (TUF ``downgrade_from``), the wave's devices that committed are commanded to install it, and
+   the new version is quarantined for them;
+4. bumps the rollout's ``revision``; commits.
+
+Only after the commit are the commands published over MQTT. A process killed between the commit
+and the publish leaves devices ``commanded`` that never heard of it: any process re-sends a
+command nobody answered after ``resend_after_s``, with the same deployment id, which the agent
+executes at most once. So a device is never commanded twice to different versions, and a wave is
+advanced exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from edgeship.device_agent import protocol
+from edgeship.fleet import rollout_logic as logic
+from edgeship.fleet.models import Audit, Device, DeviceQuarantine, Package, Rollout, RolloutDevice, Telemetry
+
+log = logging.getLogger("edgeship.fleet.scheduler")
+
+WORK_STATES = ("pending", "running", "rolling_back")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A deploy command to publish once the transaction that decided it is committed."""
+
+    device_id: str
+    deployment_id: str
+    target_path: str
+    options: dict[str, Any]
+    expiry_s: int
+
+
+Publish = Callable[[Sequence[Command]], None]
+
+
+def deployment_id(rollout_id: int, device_id: str, revert: bool = False) -> str:
+    return f"r{rollout_id}-{'revert-' if revert else ''}{device_id}"[:64]
+
+
+class Scheduler:
+    """Runs ``tick`` periodically (the service's thread); ``owner`` names this process in leases."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        publish: Publish,
+        *,
+        repo: Any,
+        owner: str | None = None,
+        lease_s: float = 15.0,
+        resend_after_s: float = 30.0,
+        compatible: Callable[[str], Sequence[str]] = lambda target: (),
+    ) -> None:
+        self.session_factory = session_factory
+        self.publish = publish
+        self.repo = repo
+        self.owner = owner or f"fleet-{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
+        self.resend_after_s = resend_after_s
+        self.compatible = compatible
+
+    # ----------------------------------------------------------------- the tick
+
+    def tick(self, now: float | None = None) -> int:
+        """Work on every rollout that needs it and that this process can lease; returns how many it advanced."""
+        now = time.time() if now is None else now
+        with self.session_factory() as session:
+            ids = session.scalars(select(Rollout.id).where(Rollout.state.in_(WORK_STATES)).order_by(Rollout.id)).all()
+        worked = 0
+        for rollout_id in ids:
+            if not self._lease(rollout_id, now):
+                continue
+            commands = self._work(rollout_id, now)
+            if commands:
+                self.publish(commands)
+            worked += 1
+        return worked
+
+    def _lease(self, rollout_id: int, now: float) -> bool:
+        with self.session_factory() as session:
+            result = session.execute(
+                update(Rollout)
+                .where(
+                    Rollout.id == rollout_id,
+                    or_(Rollout.lease_owner.is_(None), Rollout.lease_owner == self.owner, Rollout.lease_until < now),
+                )
+                .values(lease_owner=self.owner, lease_until=now + self.lease_s)
+            )
+            session.commit()
+            return bool(getattr(result, "rowcount", 0))
+
+    def release(self) -> None:
+        """Give up this process's leases (a clean stop), so another process takes over at once."""
+        with self.session_factory() as session:
+            session.execute(
+                update(Rollout).where(Rollout.lease_owner == self.owner).values(lease_owner=None, lease_until=None)
+            )
+            session.commit()
+
+    # ----------------------------------------------------------------- one rollout
+
+    def _work(self, rollout_id: int, now: float) -> list[Command]:
+        with self.session_factory() as session:
+            rollout = session.get(Rollout, rollout_id)
+            if rollout is None or rollout.lease_owner != self.owner or rollout.state not in WORK_STATES:
+                return []
+            package = session.get(Package, rollout.package_id)
+            assert package is not None
+            commands: list[Command] = []
+            if rollout.state == "pending":
+                rollout.state, rollout.current_wave, rollout.wave_started_at = "running", 0, now
+                self._audit(session, now, "rollout.started", rollout, {})
+            if rollout.state == "running":
+                self._add_late_devices(session, rollout, package, now)
+                commands += self._advance(session, rollout, package, now)
+            if rollout.state == "rolling_back":
+                commands += self._roll_back(session, rollout, package, now)
+            commands += self._resend(session, rollout, package, now)
+            rollout.updated_at = now
+            rollout.revision += 1
+            session.commit()
+            return commands
+
+    def _add_late_devices(self, session: Session, rollout: Rollout, package: Package, now: float) -> None:
+        """Devices that enrolled (or got matching tags) after the rollout was created join the current wave."""
+        known = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
+        quarantined = select(DeviceQuarantine.device_id).where(DeviceQuarantine.package_id == package.id)
+        candidates = session.scalars(select(Device).where(Device.id.not_in(known), Device.id.not_in(quarantined))).all()
+        compatible = self.compatible(package.target)
+        wave = logic.late_wave(rollout.current_wave, len(rollout.waves) - 1, rollout.state)
+        for device in candidates:
+            if logic.matches(rollout.selector, device.target, device.tags, package.target, compatible):
+                session.add(RolloutDevice(rollout_id=rollout.id, device_id=device.id, wave=wave, state="pending"))
+                self._audit(session, now, "rollout.device_joined", rollout, {"device": device.id, "wave": wave})
+
+    def _view(self, session: Session, rollout: Rollout, now: float) -> tuple[logic.RolloutView, list[logic.DeviceView]]:
+        rows = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
+        recent = sum(1 for r in rows if r.commanded_at is not None and now - r.commanded_at < 60.0)
+        view = logic.RolloutView(
+            state=rollout.state,
+            current_wave=rollout.current_wave,
+            wave_count=len(rollout.waves),
+            soak_s=rollout.soak_s,
+            device_timeout_s=rollout.device_timeout_s,
+            max_per_minute=rollout.max_per_minute,
+            require_approval=rollout.require_approval,
+            wave_done_at=rollout.wave_done_at,
+            commanded_last_minute=recent,
+        )
+        return view, [logic.DeviceView(r.device_id, r.wave, r.state, r.commanded_at) for r in rows]
+
+    def _advance(self, session: Session, rollout: Rollout, package: Package, now: float) -> list[Command]:
+        commands: list[Command] = []
+        for _ in range(len(rollout.waves) + 1):  # a wave with nothing to do is judged at once
+            view, devices = self._view(session, rollout, now)
+            decision = logic.decide(view, devices, now)
+            for device_id in decision.time_out:
+                self._set_device(
+                    session,
+                    rollout.id,
+                    device_id,
+                    state="timed_out",
+                    finished_at=now,
+                    code="timeout",
+                    message=f"no outcome within {rollout.device_timeout_s:g} s",
+                )
+            for device_id in decision.command:
+                dep = deployment_id(rollout.id, device_id)
+                self._set_device(
+                    session, rollout.id, device_id, state="commanded", deployment_id=dep, commanded_at=now, sent_at=now
+                )
+                commands.append(self._command(rollout, package.target_path, device_id, dep))
+            if decision.mark_wave_done:
+                rollout.wave_done_at = now
+            if not decision.judge_wave:
+                return commands
+            stats = self.wave_stats(session, rollout, package, rollout.current_wave)
+            breaches = logic.judge(logic.Gates.from_json(rollout.gates), stats)
+            rollout.gate_values = {
+                **(rollout.gate_values or {}),
+                str(rollout.current_wave): {k: v for k, v in logic.gate_values(stats).items()},
+            }
+            state, wave = logic.after_judgement(view, breaches)
+            self._audit(
+                session,
+                now,
+                "rollout.wave_judged",
+                rollout,
+                {"wave": rollout.current_wave, "breaches": [b.describe() for b in breaches]},
+            )
+            if state == "halted":
+                rollout.halt_reason = f"wave {rollout.current_wave + 1}: " + "; ".join(b.describe() for b in breaches)
+                rollout.state = "rolling_back"
+                self._audit(session, now, "rollout.halted", rollout, {"reason": rollout.halt_reason})
+                return commands
+            if state == "completed":
+                rollout.state = "completed"
+                self._audit(session, now, "rollout.completed", rollout, {})
+                return commands
+            if state == "waiting_approval":
+                rollout.state = "waiting_approval"
+                return commands
+            rollout.current_wave, rollout.wave_started_at, rollout.wave_done_at = wave, now, None
+        return commands
+
+    def _roll_back(self, session: Session, rollout: Rollout, package: Package, now: float) -> list[Command]:
+        """Send the wave's devices that committed the new version back to the version each had."""
+        commands: list[Command] = []
+        wave_rows = session.scalars(
+            select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave <= rollout.current_wave
+            )
+        ).all()
+        for row in wave_rows:
+            if session.get(DeviceQuarantine, (row.device_id, package.id)) is None and row.state != "pending":
+                session.add(
+                    DeviceQuarantine(device_id=row.device_id, package_id=package.id, rollout_id=rollout.id, at=now)
+                )
+        # Devices of later waves are never commanded.
+        session.execute(
+            update(RolloutDevice)
+            .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.state == "pending")
+            .values(state="skipped", code="halted")
+        )
+        permitted: set[int] = set()
+        for row in wave_rows:
+            if row.state != "COMMITTED":
+                continue
+            previous = session.get(Package, row.previous_package_id) if row.previous_package_id else None
+            if previous is None:
+                row.state, row.code = "revert_failed", "no_previous_version"
+                row.message = "the device had no earlier package from this fleet to go back to"
+                continue
+            if previous.id not in permitted:
+                self._permit_downgrade(previous, package.version)
+                permitted.add(previous.id)
+            dep = deployment_id(rollout.id, row.device_id, revert=True)
+            row.state, row.revert_deployment_id, row.commanded_at, row.sent_at = "reverting", dep, now, now
+            commands.append(self._command(rollout, previous.target_path, row.device_id, dep, revert=True))
+        busy = [r for r in wave_rows if r.state in ("commanded", "reverting")]
+        for row in busy:
+            if row.commanded_at is not None and now - row.commanded_at > rollout.device_timeout_s:
+                row.state, row.code, row.finished_at = (
+                    ("timed_out" if row.state == "commanded" else "revert_failed"),
+                    "timeout",
+                    now,
+                )
+        if not any(r.state in ("commanded", "reverting") for r in wave_rows):
+            rollout.state = "rolled_back"
+            self._audit(session, now, "rollout.rolled_back", rollout, {"reason": rollout.halt_reason})
+        return commands
+
+    def _permit_downgrade(self, previous: Package, bad_version: int) -> None:
+        """Re-sign the previous package's TUF entry so that devices on ``bad_version`` may go down to it."""
+        listed = self.repo.list_targets().get(previous.target_path)
+        custom = dict(listed.custom) if listed is not None and isinstance(listed.custom, dict) else {}
+        meta = dict(custom.get("edgeship") or {})
+        allowed = sorted({*meta.get("downgrade_from", []), bad_version})
+        if meta.get("downgrade_from") == allowed:
+            return
+        meta["downgrade_from"] = allowed
+        self.repo.set_custom(previous.target_path, {**custom, "edgeship": meta})
+
+    def _resend(self, session: Session, rollout: Rollout, package: Package, now: float) -> list[Command]:
+        """Commands nobody answered (lost with a killed process, or before the device's session existed)."""
+        stale = session.scalars(
+            select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout.id,
+                RolloutDevice.state.in_(("commanded", "reverting")),
+                RolloutDevice.sent_at < now - self.resend_after_s,
+            )
+        ).all()
+        commands = []
+        for row in stale:
+            answered = session.scalar(
+                select(func.count())
+                .select_from(Device)
+                .where(
+                    Device.id == row.device_id, Device.ota_deployment == (row.revert_deployment_id or row.deployment_id)
+                )
+            )
+            if answered:
+                continue  # it is working on it
+            row.sent_at = now
+            if row.state == "reverting" and row.previous_package_id:
+                previous = session.get(Package, row.previous_package_id)
+                if previous is not None and row.revert_deployment_id:
+                    commands.append(
+                        self._command(
+                            rollout, previous.target_path, row.device_id, row.revert_deployment_id, revert=True
+                        )
+                    )
+            elif row.deployment_id:
+                commands.append(self._command(rollout, package.target_path, row.device_id, row.deployment_id))
+        return commands
+
+    # ----------------------------------------------------------------- gates
+
+    def wave_stats(self, session: Session, rollout: Rollout, package: Package, wave: int) -> logic.WaveStats:
+        """The numbers a wave is judged on: its devices' outcomes, and telemetry since the wave started
+        from its devices (on the new version) against the control group (devices still on the old one)."""
+        rows = session.scalars(
+            select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave == wave)
+        ).all()
+        by_state: dict[str, int] = {}
+        for row in rows:
+            by_state[row.state] = by_state.get(row.state, 0) + 1
+        wave_devices = [r.device_id for r in rows if r.state == "COMMITTED"]
+        control = session.scalars(
+            select(RolloutDevice.device_id).where(
+                RolloutDevice.rollout_id == rollout.id, RolloutDevice.state.in_(("pending", "skipped"))
+            )
+        ).all()
+        since = rollout.wave_started_at or 0.0
+        wave_t = self._telemetry(session, wave_devices, since, version=package.version)
+        control_t = self._telemetry(session, list(control), since, version=None)
+        return logic.WaveStats(
+            total=len(rows),
+            committed=by_state.get("COMMITTED", 0),
+            failed=by_state.get("FAILED", 0),
+            rolled_back=by_state.get("ROLLED_BACK", 0),
+            timed_out=by_state.get("timed_out", 0),
+            error_rate=wave_t["error_rate"],
+            control_error_rate=control_t["error_rate"],
+            p99_ms=wave_t["p99_ms"],
+            control_p99_ms=control_t["p99_ms"],
+            drift_psi=wave_t["drift_psi"],
+        )
+
+    @staticmethod
+    def _telemetry(
+        session: Session, devices: Sequence[str], since: float, version: int | None
+    ) -> dict[str, float | None]:
+        if not devices:
+            return {"error_rate": None, "p99_ms": None, "drift_psi": None}
+        conditions = [Telemetry.device_id.in_(devices), Telemetry.ts >= since]
+        if version is not None:
+            conditions.append(Telemetry.model_version == version)
+        requests, errors, p99, psi = session.execute(
+            select(
+                func.sum(Telemetry.requests),
+                func.sum(Telemetry.errors),
+                func.avg(Telemetry.p99_ms),
+                func.max(Telemetry.drift_psi),
+            ).where(and_(*conditions))
+        ).one()
+        return {
+            "error_rate": (float(errors or 0) / float(requests)) if requests else None,
+            "p99_ms": float(p99) if p99 is not None else None,
+            "drift_psi": float(psi) if psi is not None else None,
+        }
+
+    # ----------------------------------------------------------------- helpers
+
+    def _command(self, rollout: Rollout, target_path: str, device_id: str, dep: str, revert: bool = False) -> Command:
+        options = {k: v for k, v in (rollout.deploy or {}).items() if k in ("validation", "shadow", "health")}
+        if revert:
+            options.pop("shadow", None)  # going back to a known model: no shadow phase
+        return Command(device_id, dep, target_path, options, int(max(rollout.device_timeout_s, 60)))
+
+    @staticmethod
+    def _set_device(session: Session, rollout_id: int, device_id: str, **values: Any) -> None:
+        session.execute(
+            update(RolloutDevice)
+            .where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == device_id)
+            .values(**values)
+        )
+
+    def _audit(self, session: Session, now: float, action: str, rollout: Rollout, details: dict[str, Any]) -> None:
+        session.add(
+            Audit(
+                at=now, actor=f"scheduler:{self.owner}", action=action, subject=f"rollout/{rollout.id}", details=details
+            )
+        )
+
+
+def deploy_message(command: Command, issued_at: float) -> bytes:
+    """The MQTT payload of a command (protocol ``deploy``)."""
+    message = protocol.deploy_command(
+        f"cmd-{uuid.uuid4().hex[:12]}",
+        command.deployment_id,
+        command.target_path,
+        issued_at,
+        expires_at=issued_at + command.expiry_s,
+        **command.options,
+    )
+    return protocol.encode(message)
