@@ -120,3 +120,15 @@ class TargetMismatchError(UpdateTrustError):
 
 class BrokerError(EdgeshipError):
     """A local MQTT broker process (mosquitto) could not be started, did not listen, or died."""
+
+
+class NotFoundError(UsageError):
+    """Something named by the caller does not exist (a device, package, rollout or token id); HTTP 404."""
+
+
+class ConflictError(UsageError):
+    """The request contradicts the current state (the name exists, the rollout is not in a state that allows it); HTTP 409."""
+
+
+class AuthError(UsageError):
+    """A token is missing, unknown, expired, used up or revoked; HTTP 401."""

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,13 @@ def _insert_ignore(engine: Engine, model: type[Any]) -> Any:
 class Writer:
     """Turns a batch of messages into database rows in one transaction (the pure-ish core of ingest)."""
 
-    def __init__(self, engine: Engine, session_factory: Callable[[], Session], fleet: str, counters: Counters) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        session_factory: Callable[[], AbstractContextManager[Session]],
+        fleet: str,
+        counters: Counters,
+    ) -> None:
         self.engine = engine
         self.session_factory = session_factory
         self.fleet = fleet

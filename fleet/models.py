@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -94,7 +94,7 @@ class Package(Base):
     format: Mapped[str] = mapped_column(String(32))
     precision: Mapped[str] = mapped_column(String(32))
     manifest_sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     target_path: Mapped[str] = mapped_column(String(512), unique=True)
     storage_key: Mapped[str] = mapped_column(String(512))
     requirements: Mapped[dict[str, Any]] = mapped_column(default=dict)

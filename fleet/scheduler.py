@@ -27,6 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,8 @@ class Command:
 
 
 Publish = Callable[[Sequence[Command]], None]
+Sessions = Callable[[], AbstractContextManager[Session]]
+"""Opens a session as a context manager (``fleet.db.Database.session``, or a sessionmaker)."""
 
 
 def deployment_id(rollout_id: int, device_id: str, revert: bool = False) -> str:
@@ -65,7 +68,7 @@ class Scheduler:
 
     def __init__(
         self,
-        session_factory: Callable[[], Session],
+        session_factory: Sessions,
         publish: Publish,
         *,
         repo: Any,
@@ -336,7 +339,8 @@ class Scheduler:
         ).all()
         since = rollout.wave_started_at or 0.0
         wave_t = self._telemetry(session, wave_devices, since, version=package.version)
-        control_t = self._telemetry(session, list(control), since, version=None)
+        # The control group: devices of the selection not (yet) on the new version, measured on what they run.
+        control_t = self._telemetry(session, list(control), since, exclude_version=package.version)
         return logic.WaveStats(
             total=len(rows),
             committed=by_state.get("COMMITTED", 0),
@@ -352,13 +356,19 @@ class Scheduler:
 
     @staticmethod
     def _telemetry(
-        session: Session, devices: Sequence[str], since: float, version: int | None
+        session: Session,
+        devices: Sequence[str],
+        since: float,
+        version: int | None = None,
+        exclude_version: int | None = None,
     ) -> dict[str, float | None]:
         if not devices:
             return {"error_rate": None, "p99_ms": None, "drift_psi": None}
         conditions = [Telemetry.device_id.in_(devices), Telemetry.ts >= since]
         if version is not None:
             conditions.append(Telemetry.model_version == version)
+        if exclude_version is not None:
+            conditions.append(Telemetry.model_version != exclude_version)
         requests, errors, p99, psi = session.execute(
             select(
                 func.sum(Telemetry.requests),

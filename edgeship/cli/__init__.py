@@ -35,6 +35,7 @@ _GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("edgeship.cli.pkg", "pkg", "Inspect, verify and unpack model packages.", ()),
     ("edgeship.cli.targets", "targets", "List and show device target profiles.", ()),
     ("edgeship.cli.agent", "agent", "Run the device agent; install packages locally; show its state.", ("paho",)),
+    ("edgeship.cli.fleet", "fleet", "Set up and run the fleet manager; push, enroll, roll out.", ("fastapi",)),
 ]
 # Single commands: (module, function name, needs one of these modules). run/bench need a backend.
 _BACKEND_LIBS = ("ai_edge_litert", "tflite_runtime", "tensorflow", "onnxruntime", "tensorrt", "coremltools")

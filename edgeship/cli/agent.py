@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -171,6 +172,120 @@ def verify(config: Path = ConfigOption) -> None:
         raise PackageError(
             f"{bad} slot(s) no longer match what was installed; reinstall from the fleet or a package file"
         )
+
+
+@app.command("enroll")
+def enroll(
+    fleet: str = typer.Option(..., "--fleet", metavar="URL", help="The fleet's URL, e.g. https://fleet.example.com."),
+    token: str = typer.Option(..., "--token", envvar="EDGESHIP_ENROLL_TOKEN", help="The one-time enrollment token."),
+    device_id: str = typer.Option(..., "--device-id", help="This device's id (its MQTT username)."),
+    target: str = typer.Option(..., "--target", help="This device's target profile (edgeship targets list)."),
+    tag: list[str] = typer.Option([], "--tag", metavar="KEY=VALUE", help="A tag for this device; repeatable."),
+    data_dir: Path = typer.Option(..., "--data-dir", help="The agent's data directory (written to agent.yaml)."),
+    out: Path = typer.Option(..., "--out", metavar="agent.yaml", help="The agent configuration to write."),
+) -> None:
+    """Enroll this device with a fleet: trade the one-time token for broker credentials, the fleet's TUF root
+    and the package signing keys, and write agent.yaml with the password file (0600), CA, root.json and keys
+    next to it. Refuses to overwrite any of those files (the token works once)."""
+    tags: dict[str, str] = {}
+    for item in tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--tag {item!r}: write key=value")
+        tags[key] = value
+    folder = out.parent
+    password_file, ca_file, root_file = folder / "mqtt-password", folder / "ca.pem", folder / "root.json"
+    for path in (out, password_file, ca_file, root_file, *folder.glob("signing-key-*.pem")):
+        if path.exists():
+            raise UsageError(f"{path} exists; enroll into an empty directory (an enrollment token works once)")
+    body = json.dumps({"token": token, "device_id": device_id, "target": target, "tags": tags}).encode()
+    url = fleet.rstrip("/") + "/api/v1/enroll"
+    bundle = _post_enroll(url, body)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = _write_bundle(bundle, out, data_dir, password_file, ca_file, root_file)
+    from edgeship.device_agent.config import load_config
+
+    load_config(out)  # what was written must load: a fleet answering nonsense is caught here, not at start-up
+    for path in written:
+        console.print(f"wrote {path}")
+    shown = " ".join(f"{k}={v}" for k, v in sorted((bundle.get("tags") or {}).items()))
+    console.print(
+        f"enrolled {bundle['device_id']} in fleet {bundle['fleet_id']} as {bundle['target']}"
+        + (f" with tags {shown}" if shown else "")
+        + f"; start the agent with: edgeship agent run --config {out}"
+    )
+
+
+def _post_enroll(url: str, body: bytes) -> dict[str, Any]:
+    from edgeship.errors import AuthError, ConflictError
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read() or b"{}").get("error") or exc.reason
+        except ValueError:
+            detail = exc.reason
+        kind = {401: AuthError, 409: ConflictError, 422: UsageError}.get(exc.code, EdgeshipError)
+        raise kind(f"the fleet refused the enrollment: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise EdgeshipError(f"cannot reach the fleet at {url}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError:
+        raise EdgeshipError(f"the fleet at {url} did not answer with JSON; is that the fleet's URL?") from None
+    if not isinstance(answer, dict) or not {"device_id", "fleet_id", "target", "broker", "updates"} <= set(answer):
+        raise EdgeshipError(f"the fleet at {url} answered without an agent bundle; is that the fleet's URL?")
+    return answer
+
+
+def _write_bundle(
+    bundle: dict[str, Any], out: Path, data_dir: Path, password_file: Path, ca_file: Path, root_file: Path
+) -> list[Path]:
+    import yaml
+
+    from edgeship.runtime.durable import write_atomic
+
+    broker, updates = bundle["broker"], bundle["updates"]
+    folder = out.parent
+    written: list[Path] = []
+    write_atomic(password_file, (broker["password"] + "\n").encode(), mode=0o600)
+    written.append(password_file)
+    write_atomic(root_file, updates["root_json"].encode())
+    written.append(root_file)
+    key_names: list[str] = []
+    for i, pem in enumerate(updates["signing_keys_pem"], start=1):
+        key_file = folder / f"signing-key-{i}.pem"
+        write_atomic(key_file, pem.encode())
+        written.append(key_file)
+        key_names.append(key_file.name)
+    broker_section: dict[str, Any] = {
+        "url": broker["url"],
+        "username": broker["username"],
+        "password_file": password_file.name,
+    }
+    if broker.get("ca_pem"):
+        write_atomic(ca_file, broker["ca_pem"].encode())
+        written.append(ca_file)
+        if str(broker["url"]).startswith("mqtts://"):
+            broker_section["ca_file"] = ca_file.name
+    config = {
+        "device_id": bundle["device_id"],
+        "fleet_id": bundle["fleet_id"],
+        "target": bundle["target"],
+        "data_dir": str(data_dir.expanduser().resolve()),
+        "broker": broker_section,
+        "updates": {
+            "metadata_url": updates["metadata_url"],
+            "targets_url": updates["targets_url"],
+            "root": root_file.name,
+            "signing_keys": key_names,
+        },
+    }
+    header = "# Written by 'edgeship agent enroll'. Paths are relative to this file; docs/agent.md explains each key.\n"
+    write_atomic(out, (header + yaml.safe_dump(config, sort_keys=False)).encode())
+    written.insert(0, out)
+    return written
 
 
 @app.command("config-example")
