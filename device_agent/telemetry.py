@@ -65,13 +65,18 @@ def load1() -> float | None:
         return None
 
 
+DRIFT_MIN_SAMPLES = 100
+"""Below this many recent samples drift scores are noise (PSI of a handful of samples easily exceeds 5)."""
+
+
 def drift_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """The drift scores of a runtime statistics snapshot, per input and output (None where unknown)."""
+    """The drift scores of a runtime statistics snapshot, per input and output; tensors with fewer than
+    ``DRIFT_MIN_SAMPLES`` recent samples are left out."""
     out: dict[str, Any] = {"inputs": {}, "outputs": {}}
     for kind in ("inputs", "outputs"):
         for name, entry in (snapshot.get(kind) or {}).items():
             d = entry.get("drift")
-            if not d:
+            if not d or int(d.get("window", 0) or 0) < DRIFT_MIN_SAMPLES:
                 continue
             out[kind][name] = {k: _finite(d.get(k)) for k in ("psi", "ks", "class_psi", "confidence_ks") if k in d}
     return out

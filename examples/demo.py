@@ -8,10 +8,13 @@ device does: verify, unpack, open with the runtime, check the golden vectors, me
 accuracy and latency, watch drift, and refuse a tampered package while keeping the model
 it had. Then the device side for real: a broker and a TUF repository play the fleet, ``edgeship
 agent run`` serves the model over HTTP, reports telemetry, takes v1 and then a retrained v2
-over the air while clients keep sending requests, and refuses a v3 tampered with on the
-server while it goes on serving v2. Every number printed is measured in this run.
+over the air while clients keep sending requests, and refuses a v9 tampered with on the
+server while it goes on serving v2. Last the fleet manager: six devices enroll with one-time
+tokens, v1 and v2 roll out in waves, and a v3 that is much slower on the device is halted in
+its first wave by the fleet's latency gate and rolled back by a signed downgrade. Every number
+printed is measured in this run.
 
-Not in the demo yet (its issue is open): the fleet manager's rollouts in waves.
+Not in the demo yet (its issue is open): the fleet at scale and its dashboard.
 """
 
 from __future__ import annotations
@@ -197,7 +200,34 @@ def main() -> None:
         "logits",
     )
 
-    from examples import demo_agent
+    step("7c. another build: a much larger network (width 256), compiled as version 3; it is far slower on a device")
+    wide = train(width=256, epochs=2, seed=2)
+    print(f"{wide.parameters} parameters, PyTorch test accuracy {wide.accuracy:.3f}")
+    program = torch.export.export(wide.model, (torch.from_numpy(x_test[:1]),))
+    torch.export.save(program, str(OUT / "digits-v3.pt2"))
+    (OUT / "recipe-v3.yaml").write_text("name: digits-cnn\nversion: 3\nvariants:\n  linux-x86_64: [fp32]\n")
+    cli(
+        "compile",
+        OUT / "digits-v3.pt2",
+        "-t",
+        "linux-x86_64",
+        "--recipe",
+        OUT / "recipe-v3.yaml",
+        "--calib",
+        OUT / "calib.npz",
+        "--eval",
+        OUT / "eval.npz",
+        "--key",
+        OUT / "keys/edgeship.key",
+        "--out",
+        OUT / "dist-v3",
+        "--input-names",
+        "image",
+        "--output-names",
+        "logits",
+    )
+
+    from examples import demo_agent, demo_fleet
 
     demo_agent.run(
         OUT,
@@ -209,11 +239,22 @@ def main() -> None:
         step,
     )
 
+    demo_fleet.run(
+        OUT / "fleet-chapter",
+        OUT / "keys",
+        {
+            "v1": OUT / "dist/digits-cnn-linux-x86_64-fp32-v1.edgepkg",
+            "v2": OUT / "dist-v2/digits-cnn-linux-x86_64-fp32-v2.edgepkg",
+            "v3": OUT / "dist-v3/digits-cnn-linux-x86_64-fp32-v3.edgepkg",
+        },
+        x_test,
+        step,
+    )
+
     print(
-        "\nNot in this demo yet: the fleet manager (rollouts in waves, enrollment, dashboard), whose issue is open;"
-        " the fleet side above is its TUF repository and a plain MQTT client. The TensorRT and Core ML packages were"
-        " checked here in ONNX Runtime and our Core ML reference evaluator; engines and Core ML predictions need a"
-        " Jetson and an Apple device (hil/)."
+        "\nNot in this demo yet: the fleet at scale (10,000 simulated devices, Prometheus, the dashboard), whose issue"
+        " is open. The TensorRT and Core ML packages were checked here in ONNX Runtime and our Core ML reference"
+        " evaluator; engines and Core ML predictions need a Jetson and an Apple device (hil/)."
     )
 
 

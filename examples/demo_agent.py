@@ -257,17 +257,17 @@ def run(
             f"deployment demo-v2 ended {end['state']}; {len(served)} requests during it, {len(failed)} failed; answered by {by_model}"
         )
 
-        step("11. a tampered update: v3 is listed, then a byte of it is flipped on the server (a hostile CDN)")
-        v3 = bump_version(v2, 3, keys / "edgeship.key", pub, out / "dist/digits-cnn-linux-x86_64-fp32-v3.edgepkg")
-        info = repo.add_package(v3, trusted_keys=trusted)
+        step("11. a tampered update: v9 is listed, then a byte of it is flipped on the server (a hostile CDN)")
+        v9 = bump_version(v2, 9, keys / "edgeship.key", pub, out / "device/digits-cnn-linux-x86_64-fp32-v9.edgepkg")
+        info = repo.add_package(v9, trusted_keys=trusted)
         served_file = next((out / "fleet/repo/targets").rglob(f"*.{Path(info.path).name}"))
         data = bytearray(served_file.read_bytes())
         data[len(data) // 2] ^= 0x01
         served_file.write_bytes(bytes(data))
-        fleet.deploy(info.path, "demo-v3")
-        end = fleet.end_of("demo-v3")
+        fleet.deploy(info.path, "demo-v9")
+        end = fleet.end_of("demo-v9")
         _, model = infer(url, x_test[0][None])
-        print(f"deployment demo-v3 ended {end['state']} ({end.get('code')}); the device still serves {model}")
+        print(f"deployment demo-v9 ended {end['state']} ({end.get('code')}); the device still serves {model}")
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)

@@ -566,15 +566,20 @@ def render_status(status: dict[str, Any]) -> Group:
         "drift_psi": ("max", gates.get("max_drift_psi")),
         "shadow_agreement": ("min", gates.get("min_shadow_agreement")),
     }
-    parts = []
-    for gate_name, (kind, limit) in thresholds.items():
-        value = values.get(gate_name)
-        if value is None and limit is None:
-            continue
-        shown = "-" if value is None else f"{value:.3g}"
-        parts.append(f"{gate_name} {shown}" + (f" ({kind} {limit:g})" if limit is not None else ""))
-    if parts:
-        lines.append(Text("gates: " + ", ".join(parts)))
+    # gate_values: per judged wave (index as a string), the values its gates were judged on.
+    per_wave = {k: v for k, v in values.items() if isinstance(v, dict)} or ({"": values} if values else {"": {}})
+    for wave_key in sorted(per_wave, key=lambda k: int(k) if k.isdigit() else -1):
+        judged = per_wave[wave_key]
+        parts = []
+        for gate_name, (kind, limit) in thresholds.items():
+            value = judged.get(gate_name)
+            if value is None and limit is None:
+                continue
+            shown = "-" if value is None else f"{value:.3g}"
+            parts.append(f"{gate_name} {shown}" + (f" ({kind} {limit:g})" if limit is not None else ""))
+        if parts:
+            label = f"gates, wave {int(wave_key) + 1}: " if wave_key.isdigit() else "gates: "
+            lines.append(Text(label + ", ".join(parts)))
     if status.get("halt_reason"):
         lines.append(Text(f"halt reason: {status['halt_reason']}", style="bold red"))
     return Group(*lines)
