@@ -574,6 +574,7 @@ class Updater:
                 Event.ALREADY_INSTALLED, "already_installed", f"{name} v{version} is already the active model"
             )
         self._precheck(name, version, target_name, downgrade_from)
+        _check_requirements(meta.get("requirements") or {})
         info = {
             "name": name,
             "version": version,
@@ -938,3 +939,60 @@ def _copy_durably(source: Path, dest: Path) -> None:
         fsync_file(out.fileno())
     tmp.replace(dest)
     fsync_dir(dest.parent)
+
+
+def _check_requirements(requirements: Mapping[str, Any]) -> None:
+    """Refuse early (before downloading) a package this device cannot run, from the fleet's signed requirements.
+
+    The artifact format needs a backend that runs here; the model's memory need must fit in the memory
+    available now; the runtime library must be of the major version the package was built for (a minor
+    difference is allowed: the package's golden vectors decide, in the validation child).
+    """
+    from edgeship.errors import BackendUnavailableError as Unavailable
+    from edgeship.runtime.backends.registry import select as select_backend
+
+    fmt = requirements.get("format")
+    if isinstance(fmt, str):
+        try:
+            backend = select_backend(fmt)
+        except (Unavailable, EdgeshipError) as exc:
+            raise Refused("unsupported", f"this device cannot run {fmt} models: {exc}") from None
+        runtime = requirements.get("runtime") or {}
+        wanted, have = str(runtime.get("version") or ""), _library_version(backend.name)
+        same_library = runtime.get("name") == backend.name
+        if same_library and wanted and have and wanted.split(".")[0] != have.split(".")[0]:
+            raise Refused(
+                "unsupported",
+                f"the package needs {runtime.get('name')} {wanted}; this device has {backend.name} {have} (another major version)",
+            )
+    need = requirements.get("min_memory_mib")
+    available = _available_memory_mib()
+    if isinstance(need, (int, float)) and available is not None and need > available:
+        raise Refused(
+            "insufficient_memory",
+            f"the model needs about {need:.0f} MiB and {available:.0f} MiB are available; free memory or deploy a smaller variant",
+        )
+
+
+def _library_version(backend: str) -> str | None:
+    import importlib.metadata
+
+    distribution = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert", "tensorrt": "tensorrt"}.get(backend)
+    if distribution is None:
+        return None
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _available_memory_mib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux, Android); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

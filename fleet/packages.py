@@ -17,7 +17,8 @@ installing::
                                    "runtime": {"name": "tensorrt", "version": "10.3"},
                                    "min_memory_mib": 4096}}}
 
-``min_memory_mib`` is the profile's memory budget and is left out when the profile names none.
+``min_memory_mib`` is what the loaded model needs (about three times its artifact, plus the runtime),
+not the device's size: a device refuses a package whose need exceeds its available memory.
 """
 
 from __future__ import annotations
@@ -50,16 +51,25 @@ def target_profile(name: str, *, what: str = "package") -> targets.TargetProfile
         raise PackageError(f"{what}: {exc}") from None
 
 
+MODEL_MEMORY_FACTOR = 3
+"""A loaded model takes up to about this many times its artifact's size (weights, arena, runtime
+buffers; ONNX Runtime and LiteRT measured 1.5-2.5x here), plus ``RUNTIME_MEMORY_MIB`` for the runtime."""
+RUNTIME_MEMORY_MIB = 64
+
+
 def package_requirements(manifest: Manifest, profile: targets.TargetProfile) -> dict[str, Any]:
-    """What a device must have to run the package: target, format, runtime (name, version), memory if known."""
-    requirements: dict[str, Any] = {
+    """What a device must have to run the package: target, format, runtime (name, version), and the memory
+    the model needs when loaded (an estimate from the artifact's size, never more than the profile's budget)."""
+    artifact = sum(f.size for f in manifest.files if f.path == manifest.artifact_path or f.path.startswith(manifest.artifact_path + "/"))
+    need = RUNTIME_MEMORY_MIB + -(-MODEL_MEMORY_FACTOR * artifact // (1 << 20))
+    if profile.memory_mib is not None:
+        need = min(need, profile.memory_mib)
+    return {
         "target": manifest.target,
         "format": manifest.format,
         "runtime": {"name": profile.runtime, "version": profile.runtime_version},
+        "min_memory_mib": need,
     }
-    if profile.memory_mib is not None:
-        requirements["min_memory_mib"] = profile.memory_mib
-    return requirements
 
 
 def tuf_custom(

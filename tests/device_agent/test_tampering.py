@@ -115,3 +115,20 @@ def test_expired_metadata_is_refused_and_the_device_recovers_when_the_fleet_refr
     fleet.repo.refresh_timestamp()
     dep = fleet.deploy(target)
     assert fleet.wait_end(dep)["state"] == "COMMITTED"  # no reboot, no manual step
+
+
+@pytest.mark.parametrize(
+    ("requirements", "code"),
+    [
+        ({"format": "onnx", "min_memory_mib": 10**9}, "insufficient_memory"),
+        ({"format": "coreml", "runtime": {"name": "coreml", "version": "8"}}, "unsupported"),
+        ({"format": "onnx", "runtime": {"name": "onnxruntime", "version": "99.0"}}, "unsupported"),
+    ],
+)
+def test_a_package_this_device_cannot_run_is_refused_before_download(fleet, agent, packages, requirements, code):
+    verified = read_manifest(packages(version=2), check_signature=False)
+    custom = package_custom(verified)
+    custom["edgeship"]["requirements"] = requirements
+    fleet.repo.add_target("sensor-net/needs-more.edgepkg", packages(version=2), custom)
+    refused(fleet, agent, "sensor-net/needs-more.edgepkg", code)
+    assert not any(r.path.endswith("needs-more.edgepkg") for r in fleet.server.requests)  # never downloaded

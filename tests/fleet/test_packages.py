@@ -53,7 +53,9 @@ def test_push_stores_lists_and_records(any_fleet: FleetUnderTest, make_package: 
         "target": "linux-x86_64",
         "format": "onnx",
         "runtime": {"name": "onnxruntime", "version": "1.31"},
+        "min_memory_mib": meta["requirements"]["min_memory_mib"],
     }
+    assert meta["requirements"]["min_memory_mib"] >= 64
     assert row.requirements == meta["requirements"]
     with ctx.db.session(readonly=True) as session:
         entry = session.scalars(select(Audit).where(Audit.action == "package.push")).one()
@@ -61,15 +63,13 @@ def test_push_stores_lists_and_records(any_fleet: FleetUnderTest, make_package: 
     assert entry.details["signed_by"] is not None
 
 
-def test_profile_memory_goes_into_the_requirements(fleet: FleetUnderTest, make_package: MakePackage):
+def test_the_models_memory_need_goes_into_the_requirements(fleet: FleetUnderTest, make_package: MakePackage):
     path = make_package(target="jetson-orin-nano", format="tensorrt-onnx", precision="fp16")
     row = push_package(fleet.ctx, path, "t")
-    assert row.requirements == {
-        "target": "jetson-orin-nano",
-        "format": "tensorrt-onnx",
-        "runtime": {"name": "tensorrt", "version": "10.3"},
-        "min_memory_mib": 4096,
-    }
+    assert row.requirements["target"] == "jetson-orin-nano" and row.requirements["format"] == "tensorrt-onnx"
+    assert row.requirements["runtime"] == {"name": "tensorrt", "version": "10.3"}
+    # A few kB of model: the runtime's share dominates; never the device's whole memory (4096 MiB here).
+    assert 64 < row.requirements["min_memory_mib"] < 100
 
 
 def test_bad_signature_is_refused_with_one_line(
