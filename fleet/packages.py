@@ -60,7 +60,11 @@ RUNTIME_MEMORY_MIB = 64
 def package_requirements(manifest: Manifest, profile: targets.TargetProfile) -> dict[str, Any]:
     """What a device must have to run the package: target, format, runtime (name, version), and the memory
     the model needs when loaded (an estimate from the artifact's size, never more than the profile's budget)."""
-    artifact = sum(f.size for f in manifest.files if f.path == manifest.artifact_path or f.path.startswith(manifest.artifact_path + "/"))
+    artifact = sum(
+        f.size
+        for f in manifest.files
+        if f.path == manifest.artifact_path or f.path.startswith(manifest.artifact_path + "/")
+    )
     need = RUNTIME_MEMORY_MIB + -(-MODEL_MEMORY_FACTOR * artifact // (1 << 20))
     if profile.memory_mib is not None:
         need = min(need, profile.memory_mib)
