@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgeship.device_agent import faults, ota, protocol
 from edgeship.device_agent.config import AgentConfig
@@ -56,6 +56,8 @@ from edgeship.runtime.package import TrustedKeys, read_manifest, unpack_package
 
 if TYPE_CHECKING:
     from edgeship.device_agent.tuf_client import UpdateTrust
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("edgeship.device_agent.ota")
 
@@ -559,7 +561,9 @@ class Updater:
             self.save(replace(self.state, ota=replace(dep, target=target)))
             _copy_durably(Path(dep.target_path), dest)
             return Outcome(Event.DOWNLOADED)
-        offered = self._trust().lookup(dep.target_path)
+        trust = self._trust()
+        # The fleet's HTTP server may be restarting: the metadata lookup is retried like the download.
+        offered = self._retrying("metadata lookup", lambda: trust.lookup(dep.target_path))
         meta = offered.edgeship
         try:
             name, version, target_name = str(meta["name"]), int(meta["version"]), str(meta["target"])
@@ -588,27 +592,34 @@ class Updater:
         if dep.target != info:
             self.save(replace(self.state, ota=replace(dep, target=info)))
         bandwidth = self.config.updates.bandwidth_kib_s
+        self._retrying(
+            "download",
+            lambda: download(
+                offered.url,
+                dest,
+                length=offered.length,
+                timeout=self.config.updates.download_timeout_s,
+                bandwidth_bytes_s=bandwidth * 1024 if bandwidth else None,
+                stop=self.interrupt,
+                progress=self._progress,
+            ),
+        )
+        return Outcome(Event.DOWNLOADED)
+
+    def _retrying(self, what: str, attempt_once: Callable[[], _T]) -> _T:
+        """Run a network step up to 5 times, backing off 2, 4, 8, 16 s; an interrupt stops the waiting."""
         delay = 2.0
         for attempt in range(5):
             try:
-                download(
-                    offered.url,
-                    dest,
-                    length=offered.length,
-                    timeout=self.config.updates.download_timeout_s,
-                    bandwidth_bytes_s=bandwidth * 1024 if bandwidth else None,
-                    stop=self.interrupt,
-                    progress=self._progress,
-                )
-                return Outcome(Event.DOWNLOADED)
+                return attempt_once()
             except DownloadError as exc:
                 if isinstance(exc, DownloadInterrupted) or attempt == 4:
                     raise
-                log.info("download attempt %d failed (%s); retrying in %.0f s", attempt + 1, exc, delay)
+                log.info("%s attempt %d failed (%s); retrying in %.0f s", what, attempt + 1, exc, delay)
                 if not self._wait(delay):
-                    raise DownloadInterrupted("download interrupted") from None
+                    raise DownloadInterrupted(f"{what} interrupted") from None
                 delay = min(delay * 2, 60.0)
-        raise DownloadError("download failed")  # unreachable: the loop returns or raises
+        raise DownloadError(f"{what} failed")  # unreachable: the loop returns or raises
 
     def _progress(self, done: int, total: int) -> None:
         self.progress = {"bytes": done, "total": total}

@@ -33,7 +33,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -93,12 +95,16 @@ class Writer:
         self._known: set[str] = set()
 
     def write(self, batch: Sequence[Incoming]) -> None:
+        """Store one batch in one transaction; raises the database's error (nothing stored, nothing counted),
+        so that the caller may retry the same batch."""
+        # Counted once the batch is stored: a batch retried after a database error is counted once.
+        counts: Counter[str] = Counter()
         telemetry: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         statuses: list[tuple[str, dict[str, Any]]] = []
         latest: dict[str, dict[str, Any]] = {}
         for item in batch:
-            parsed = self._check(item)
+            parsed = self._check(item, counts)
             if parsed is None:
                 continue
             device, message = parsed
@@ -113,18 +119,18 @@ class Writer:
             else:
                 events.append(_event_row(device, message, item.received_at))
         if not (telemetry or events or statuses):
+            self._count(counts)
             return
         with self.session_factory() as session:
             self._ensure_known(session, {d for d, _ in statuses} | {r["device_id"] for r in telemetry + events})
-            stored_t = self._insert(session, Telemetry, [r for r in telemetry if r["device_id"] in self._known])
-            stored_e = self._insert(session, Event, [r for r in events if r["device_id"] in self._known])
-            self.counters.add("telemetry", stored_t)
-            self.counters.add("events", stored_e)
-            dropped_unknown = (
-                len(telemetry) + len(events) - sum(1 for r in telemetry + events if r["device_id"] in self._known)
+            counts["telemetry"] += self._insert(
+                session, Telemetry, [r for r in telemetry if r["device_id"] in self._known], counts
             )
-            if dropped_unknown:
-                self.counters.add("unknown_device", dropped_unknown)
+            counts["events"] += self._insert(
+                session, Event, [r for r in events if r["device_id"] in self._known], counts
+            )
+            devices = [r["device_id"] for r in telemetry + events] + [d for d, _ in statuses]
+            counts["unknown_device"] += sum(1 for d in devices if d not in self._known)
             now = time.time()
             for device, message in latest.items():
                 if device in self._known:
@@ -136,23 +142,29 @@ class Writer:
                 if device in self._known:
                     self._apply_status(session, device, message, now)
             session.commit()
+        self._count(counts)
 
-    def _check(self, item: Incoming) -> tuple[str, dict[str, Any]] | None:
+    def _count(self, counts: Counter[str]) -> None:
+        for key, n in counts.items():
+            if n:
+                self.counters.add(key, n)
+
+    def _check(self, item: Incoming, counts: Counter[str]) -> tuple[str, dict[str, Any]] | None:
         parts = parse_topic(item.topic)
         if parts is None or parts.fleet != self.fleet or parts.channel == "cmd":
-            self.counters.add("wrong_topic")
+            counts["wrong_topic"] += 1
             return None
-        if not item.payload:
+        if not item.payload and parts.channel == "status":
             return None  # a cleared retained status
         try:
             message = protocol.parse(item.payload, expected=protocol.DEVICE_TYPES)
         except protocol.ProtocolError as exc:
-            self.counters.add("malformed")
+            counts["malformed"] += 1
             log.debug("dropped a malformed message from %s: %s", parts.device, exc)
             return None
         expected_type = {"telemetry": "telemetry", "events": "event", "status": "status"}[parts.channel]
         if message["type"] != expected_type or message["device"] != parts.device or message["fleet"] != parts.fleet:
-            self.counters.add("spoofed")
+            counts["spoofed"] += 1
             log.warning("dropped a message on %s that claims device %s", item.topic, message.get("device"))
             return None
         return parts.device, message
@@ -163,13 +175,12 @@ class Writer:
             found = session.scalars(select(Device.id).where(Device.id.in_(missing))).all()
             self._known.update(found)
 
-    def _insert(self, session: Session, model: type[Any], rows: list[dict[str, Any]]) -> int:
+    def _insert(self, session: Session, model: type[Any], rows: list[dict[str, Any]], counts: Counter[str]) -> int:
         if not rows:
             return 0
         # RETURNING tells which rows were new (SQLite >= 3.35, PostgreSQL): the rest were redeliveries.
         stored = len(session.execute(_insert_ignore(self.engine, model).returning(model.seq), rows).all())
-        if stored < len(rows):
-            self.counters.add("duplicates", len(rows) - stored)
+        counts["duplicates"] += len(rows) - stored
         return int(stored)
 
     @staticmethod
@@ -217,15 +228,31 @@ class Writer:
             )
             if row["state"] in TERMINAL_OTA:
                 outcome = {"finished_at": row["ts"], "code": row["code"], "message": row["message"]}
+                # Only the device's own deployment: a payload can name any deployment id. An outcome that
+                # comes after the fleet gave up on the device (timed out) is still what the device did.
                 session.execute(
                     update(RolloutDevice)
-                    .where(RolloutDevice.deployment_id == deployment, RolloutDevice.state.in_(("commanded", "pending")))
+                    .where(
+                        RolloutDevice.device_id == device,
+                        RolloutDevice.deployment_id == deployment,
+                        or_(
+                            RolloutDevice.state.in_(("commanded", "pending")),
+                            and_(RolloutDevice.state == "timed_out", RolloutDevice.code == "timeout"),
+                        ),
+                    )
                     .values(state=row["state"], **outcome)
                 )
                 revert_state = "reverted" if row["state"] == "COMMITTED" else "revert_failed"
                 session.execute(
                     update(RolloutDevice)
-                    .where(RolloutDevice.revert_deployment_id == deployment, RolloutDevice.state == "reverting")
+                    .where(
+                        RolloutDevice.device_id == device,
+                        RolloutDevice.revert_deployment_id == deployment,
+                        or_(
+                            RolloutDevice.state == "reverting",
+                            and_(RolloutDevice.state == "revert_failed", RolloutDevice.code == "timeout"),
+                        ),
+                    )
                     .values(state=revert_state, **outcome)
                 )
 
@@ -363,7 +390,12 @@ class Ingest:
 
     def stop(self) -> None:
         if self.client is not None:
-            self.client.disconnect()
+            # A clean stop ends the MQTT session: mosquitto would otherwise go on queueing this member's
+            # share of the shared subscription for it, and the processes left would miss those messages.
+            # A crash keeps the session, so a process restarted under the same id gets what it missed.
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+            self.client.disconnect(properties=props)
             self.client.loop_stop()
         self._stop.set()
         self._thread.join(30)

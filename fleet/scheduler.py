@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from edgeship.device_agent import protocol
 from edgeship.fleet import rollout_logic as logic
+from edgeship.fleet.ingest import TERMINAL_OTA
 from edgeship.fleet.models import Audit, Device, DeviceQuarantine, Package, Rollout, RolloutDevice, Telemetry
 
 log = logging.getLogger("edgeship.fleet.scheduler")
@@ -151,7 +152,15 @@ class Scheduler:
         """Devices that enrolled (or got matching tags) after the rollout was created join the current wave."""
         known = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
         quarantined = select(DeviceQuarantine.device_id).where(DeviceQuarantine.package_id == package.id)
-        candidates = session.scalars(select(Device).where(Device.id.not_in(known), Device.id.not_in(quarantined))).all()
+        # One device, one unfinished rollout: a device another rollout still works on waits for it to end.
+        elsewhere = (
+            select(RolloutDevice.device_id)
+            .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+            .where(Rollout.id != rollout.id, Rollout.state.not_in(tuple(logic.ENDED_ROLLOUT)))
+        )
+        candidates = session.scalars(
+            select(Device).where(Device.id.not_in(known), Device.id.not_in(quarantined), Device.id.not_in(elsewhere))
+        ).all()
         compatible = self.compatible(package.target)
         wave = logic.late_wave(rollout.current_wave, len(rollout.waves) - 1, rollout.state)
         for device in candidates:
@@ -298,15 +307,20 @@ class Scheduler:
         ).all()
         commands = []
         for row in stale:
+            # Working on it: it reports this deployment in a state that is not final. One that reports
+            # it finished while the row still waits lost its outcome on the way (a fleet process died
+            # with it); the same command again makes the agent repeat where it is (code "duplicate").
             answered = session.scalar(
                 select(func.count())
                 .select_from(Device)
                 .where(
-                    Device.id == row.device_id, Device.ota_deployment == (row.revert_deployment_id or row.deployment_id)
+                    Device.id == row.device_id,
+                    Device.ota_deployment == (row.revert_deployment_id or row.deployment_id),
+                    Device.ota_state.not_in(TERMINAL_OTA),
                 )
             )
             if answered:
-                continue  # it is working on it
+                continue
             row.sent_at = now
             if row.state == "reverting" and row.previous_package_id:
                 previous = session.get(Package, row.previous_package_id)

@@ -7,8 +7,9 @@ and keeps the TUF timestamp fresh (whichever process gets there first re-signs i
 repository's file lock serializes them).
 
 MQTT client ids are stable per process (``<fleet>-<role>-<instance>``, the instance defaulting to
-the host name and HTTP port), with persistent sessions: messages that arrive while a fleet process
-restarts wait in the broker for it.
+the host name and HTTP port), with persistent sessions: messages that arrive while a crashed fleet process
+restarts wait in the broker for it (``ingest.session_expiry``, 1 h by default). A clean stop ends
+the session, so the broker stops handing that process a share of the devices' messages.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def mqtt_client(settings: FleetSettings, client_id: str, *, persistent: bool = T
     client.reconnect_delay_set(1, 10)
     client.max_queued_messages_set(0)
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 7 * 86400 if persistent else 0
+    props.SessionExpiryInterval = int(settings.ingest.session_expiry) if persistent else 0
     port = url.port or (8883 if url.scheme == "mqtts" else 1883)
     client.connect_async(
         url.hostname or "127.0.0.1", port, keepalive=broker.keepalive_s, clean_start=not persistent, properties=props

@@ -62,6 +62,7 @@ tuf:
 ingest:
   share_group: ingest  # MQTT shared subscription $share/<group>/... across fleet processes
   workers: 1
+  session_expiry: 1h   # a crashed process's share waits this long in the broker for it to restart
 """
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
@@ -168,6 +169,9 @@ class TufSettings:
 class IngestSettings:
     share_group: str = "ingest"
     workers: int = 1
+    # How long the broker keeps a crashed process's session (its share of device messages) for it to
+    # come back under the same instance name; a clean stop ends the session at once.
+    session_expiry: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,10 @@ _SECTIONS: dict[str, type] = {
     "tuf": TufSettings,
     "ingest": IngestSettings,
 }
-_DURATION_KEYS = {"tuf": {"root_expiry", "targets_expiry", "snapshot_expiry", "timestamp_expiry", "refresh_within"}}
+_DURATION_KEYS = {
+    "tuf": {"root_expiry", "targets_expiry", "snapshot_expiry", "timestamp_expiry", "refresh_within"},
+    "ingest": {"session_expiry"},
+}
 
 
 def load_settings(path: str | os.PathLike[str]) -> FleetSettings:
@@ -401,6 +408,8 @@ def _validate(settings: FleetSettings) -> None:
     check_id("ingest.share_group", ingest.share_group)
     if ingest.workers < 1:
         raise ConfigError("ingest.workers: must be at least 1")
+    if not 0 < ingest.session_expiry <= 0xFFFFFFFF:
+        raise ConfigError("ingest.session_expiry: must be a positive duration such as 1h")
 
 
 __all__ = [
