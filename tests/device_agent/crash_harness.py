@@ -19,6 +19,7 @@ whose golden vectors fail), (3) serving the right version from a slot that verif
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -73,8 +74,10 @@ class AgentProcess:
         self.config, self.url, self.log, self.python = config, url, log, python
         self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0  # time.monotonic() when the process was started
 
     def start(self) -> AgentProcess:
+        self.started_at = time.monotonic()
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [self.python, "-m", "edgeship", "agent", "run", "--config", str(self.config), "--log-level", "warning"],
@@ -150,6 +153,8 @@ class CrashResult:
     final_code: str | None = None
     served_version: int | None = None
     problems: list[str] = field(default_factory=list)
+    restart_s: list[float] = field(default_factory=list)
+    """Per restart: seconds from starting the process to its first /v1/health answer."""
 
     @property
     def bricked(self) -> bool:
@@ -262,8 +267,8 @@ class Traffic:
                 with urllib.request.urlopen(request, timeout=5) as response:
                     response.read()
                     self.ok += 1
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.02)  # the agent is down between a kill and its restart
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                time.sleep(0.02)  # the agent is down between a kill and its restart (or died mid-answer)
 
     def stop(self) -> None:
         self._stop.set()
@@ -272,6 +277,7 @@ class Traffic:
 
 def _after_restart(result: CrashResult, agent: AgentProcess) -> None:
     status, body = agent.wait_ready()
+    result.restart_s.append(time.monotonic() - agent.started_at)
     if status != 200 or not body.get("model"):
         result.problems.append(f"no model served right after restart #{result.kills}: {status} {body}")
 
