@@ -8,6 +8,7 @@ Every table is written by code in one module, named in the table's docstring:
 * packages: ``fleet.packages``
 * rollouts, rollout_devices, device_quarantine: ``fleet.scheduler`` (plans from ``fleet.rollout_logic``)
 * events, telemetry: ``fleet.ingest``
+* alerts: ``fleet.alerts``
 * audit: every module that changes something on behalf of a person or a token
 
 Timestamps are UTC seconds since the epoch (float): the protocol's unit, cheap to compare
@@ -18,7 +19,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -237,3 +250,36 @@ class Audit(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     __table_args__ = (Index("ix_audit_at", "at"),)
+
+
+class Alert(Base):
+    """A condition someone should look at: a device offline, drift over the threshold, a halted rollout.
+
+    ``kind`` is ``device_offline``, ``drift`` or ``rollout_halted``; ``subject`` names what it is
+    about (``device/<id>``, ``rollout/<id>``). Opened when the condition starts, resolved
+    (``resolved_at`` set) when it clears; at most one open alert per (kind, subject), which a
+    partial unique index enforces on both databases.
+    """
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(256))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    opened_at: Mapped[float] = mapped_column(Float)
+    resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index(
+            "uq_alerts_open",
+            "kind",
+            "subject",
+            unique=True,
+            sqlite_where=text("resolved_at IS NULL"),
+            postgresql_where=text("resolved_at IS NULL"),
+        ),
+        Index("ix_alerts_resolved_at", "resolved_at"),
+    )
