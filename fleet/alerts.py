@@ -244,7 +244,7 @@ class Notifier:
     def _run(self) -> None:
         while True:
             change = self._queue.get()
-            if change is None:
+            if change is None or self._stop.is_set():
                 return
             self._deliver(change)
 
