@@ -320,3 +320,39 @@ def test_alerts_api_lists_open_alerts(fleet: FleetUnderTest):
             assert session.scalar(select(Alert.id).where(Alert.subject == "device/x")) == items[0]["id"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"alerts": {"webhook_url": "ftp://x/y"}}, "alerts.webhook_url: use http://host/path or https://host/path"),
+        ({"alerts": {"drift_psi": 0}}, "alerts.drift_psi: must be a positive PSI such as 0.25, got 0"),
+        ({"alerts": {"offline_after": "5 min"}}, "alerts.offline_after: '5 min' is not a duration"),
+        ({"alerts": {"webhook_retries": -1}}, "alerts.webhook_retries: must be 0 or more"),
+        ({"alerts": {"drift": 0.3}}, "alerts.drift: unknown setting; did you mean alerts.drift_psi?"),
+        ({"retention": {"raw": 0}}, "retention.raw: must be a positive duration such as 7d"),
+        ({"retention": {"raw": "30d", "minute": "7d"}}, "retention.minute (604800 s) must be at least retention.raw"),
+        ({"retention": {"batch": 0}}, "retention.batch: must be between 1 and 100000 rows, got 0"),
+    ],
+)
+def test_alert_and_retention_settings_are_checked(
+    tmp_path: Path, publisher: Publisher, section: dict[str, Any], message: str
+):
+    from edgeship.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        fleet_settings(tmp_path, publisher, "sqlite:///x.db", **section)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_alert_and_retention_settings_parse_durations(tmp_path: Path, publisher: Publisher):
+    settings = fleet_settings(
+        tmp_path,
+        publisher,
+        "sqlite:///x.db",
+        alerts={"offline_after": "2m", "webhook_url": "https://hooks.example.com/x", "drift_psi": 0.3},
+        retention={"raw": "3d", "minute": "2w", "hour": "52w", "interval": "10m"},
+    )
+    assert (settings.alerts.offline_after, settings.alerts.drift_psi) == (120.0, 0.3)
+    r = settings.retention
+    assert (r.raw, r.minute, r.hour, r.interval, r.batch) == (3 * 86400, 14 * 86400, 364 * 86400, 600, 5000)
