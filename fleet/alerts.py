@@ -243,9 +243,17 @@ class Notifier:
 
     def _run(self) -> None:
         while True:
-            change = self._queue.get()
-            if change is None or self._stop.is_set():
-                return
+            try:
+                change = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if change is None:
+                continue  # stop()'s wake-up; the rest of the queue is drained below
+            if self._stop.is_set():
+                self._count("dropped")  # still waiting when the process stops
+                continue
             self._deliver(change)
 
     def _deliver(self, change: Change) -> None:
@@ -284,7 +292,8 @@ class Notifier:
         )
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the delivery in progress (waits ``timeout`` at most); undelivered changes are dropped."""
+        """Stop after the delivery in progress (waits ``timeout`` at most); changes still waiting are counted
+        as dropped."""
         self._stop.set()
         try:
             self._queue.put_nowait(None)
