@@ -210,6 +210,8 @@ class Event(Base):
         UniqueConstraint("device_id", "seq", name="uq_events_device_seq"),
         Index("ix_events_device_ts", "device_id", "ts"),
         Index("ix_events_deployment", "deployment_id"),
+        # /metrics reads the ingest lag of the last minutes' events.
+        Index("ix_events_received_at", "received_at"),
     )
 
 

@@ -86,7 +86,8 @@ def _seed(ctx: FleetContext, now: float) -> None:
         )
 
 
-def test_metrics_scrape(fleet: FleetUnderTest):
+def test_metrics_scrape(any_fleet: FleetUnderTest):
+    fleet = any_fleet
     import time
 
     now = time.time()  # the ingest lag window is relative to the scrape's wall clock

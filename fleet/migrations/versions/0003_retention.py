@@ -1,6 +1,7 @@
-"""Retention: per-minute and per-hour telemetry roll-ups, maintenance leases, and an index on telemetry.ts.
+"""Retention and metrics: per-minute and per-hour telemetry roll-ups, maintenance leases, and indexes on
+telemetry.ts (retention, drift alerts) and events.received_at (the ingest lag in /metrics).
 
-Creating ``ix_telemetry_ts`` reads the whole telemetry table once (PostgreSQL blocks writes to it
+Creating the indexes reads the telemetry and events tables once (PostgreSQL blocks writes to them
 meanwhile: a few seconds per million rows).
 
 Revision ID: 0003
@@ -57,9 +58,13 @@ def upgrade() -> None:
             batch_op.create_index(f"ix_{table}_bucket", ["bucket"], unique=False)
     with op.batch_alter_table("telemetry", schema=None) as batch_op:
         batch_op.create_index("ix_telemetry_ts", ["ts"], unique=False)
+    with op.batch_alter_table("events", schema=None) as batch_op:
+        batch_op.create_index("ix_events_received_at", ["received_at"], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("events", schema=None) as batch_op:
+        batch_op.drop_index("ix_events_received_at")
     with op.batch_alter_table("telemetry", schema=None) as batch_op:
         batch_op.drop_index("ix_telemetry_ts")
     for table in _ROLLUPS:
