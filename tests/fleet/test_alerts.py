@@ -13,11 +13,13 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from edgeship.fleet import auth
 from edgeship.fleet.alerts import Change, Notifier, evaluate, list_alerts
 from edgeship.fleet.db import Database, migrate
 from edgeship.fleet.models import Alert, Device, Package, Rollout, Telemetry
 from edgeship.fleet.settings import AlertSettings
-from tests.fleet.fleet_fixtures import ApiServer, FleetUnderTest, fleet_settings
+from tests.brokers import SecureBroker
+from tests.fleet.fleet_fixtures import ApiServer, FleetUnderTest, fleet_settings, open_fleet
 from tests.fleet.webhook_server import WebhookServer
 from tests.package_fixtures import Publisher
 
@@ -264,7 +266,6 @@ def test_unreachable_webhook_never_blocks_the_caller():
 
 
 def test_service_alerts_reach_the_webhook_and_the_api(tmp_path: Path, publisher: Publisher, sqlite_url: str):
-    from edgeship.fleet import auth
     from edgeship.fleet.service import FleetService
 
     with WebhookServer() as server:
@@ -358,3 +359,86 @@ def test_alert_and_retention_settings_parse_durations(tmp_path: Path, publisher:
     assert (settings.alerts.offline_after, settings.alerts.drift_psi) == (120.0, 0.3)
     r = settings.retention
     assert (r.raw, r.minute, r.hour, r.interval, r.batch) == (3 * 86400, 14 * 86400, 364 * 86400, 600, 5000)
+
+
+def test_through_the_broker_status_and_drift_open_and_resolve_alerts(
+    tmp_path: Path, publisher: Publisher, secure_broker: SecureBroker
+) -> None:
+    # The whole path: a device's MQTT messages -> the service's ingest -> its alert thread -> the webhook, and
+    # /metrics of that process (its ingest counters with its instance name, open alerts).
+    import time
+
+    from edgeship.device_agent import protocol
+    from edgeship.fleet.api import create_app
+    from edgeship.fleet.service import FleetService
+    from tests.fleet.test_ingest import FLEET, status, telemetry
+
+    broker = secure_broker.broker
+    with WebhookServer() as hook:
+        settings = fleet_settings(
+            tmp_path,
+            publisher,
+            f"sqlite:///{tmp_path / 'fleet.db'}",
+            broker={"url": f"mqtt://127.0.0.1:{broker.port}", "password": secure_broker.passwords["fleet-f1"]},
+            scheduler={"tick_s": 60, "lease_s": 120},
+            alerts={"interval_s": 0.2, "webhook_url": hook.url, "drift_psi": 0.5, "drift_window": "100w"},
+        )
+        ctx = open_fleet(settings)
+        with ctx.db.session() as session:
+            session.add(Device(id="dev-1", target="linux-x86_64", enrolled_at=0.0))
+        _row, token = auth.create_token(ctx, "prom", "read", actor="t")
+        ctx.close()
+        service = FleetService(settings, instance="alerts-test")
+        service.start()
+        try:
+            base = f"edgeship/v1/{FLEET}/dev-1"
+            with secure_broker.probe("dev-1", tls=False) as device:
+                device.connect()
+                deadline = time.monotonic() + 20
+                while True:  # until the fleet's ingest has subscribed and stored it
+                    device.publish(f"{base}/status", protocol.encode(status("dev-1")))
+                    with service.ctx.db.session(readonly=True) as session:
+                        row = session.get(Device, "dev-1")
+                        if row is not None and row.online:
+                            break
+                    assert time.monotonic() < deadline, "the fleet's ingest never stored a status"
+                    time.sleep(0.2)
+                device.publish(f"{base}/status", protocol.encode(status("dev-1", "offline")))
+                opened = hook.wait_for(1)[0]
+                assert (opened["event"], opened["alert"]["kind"]) == ("opened", "device_offline")
+                assert opened["alert"]["details"]["status_offline"] is True
+
+                drifting = telemetry("dev-1", 5, drift={"inputs": {"x": {"psi": 0.8}}, "outputs": {}})
+                device.publish(f"{base}/telemetry", protocol.encode(drifting))
+                bodies = hook.wait_for(3)  # the telemetry brought it back online and showed drift
+                assert {(b["event"], b["alert"]["kind"]) for b in bodies[1:]} == {
+                    ("resolved", "device_offline"),
+                    ("opened", "drift"),
+                }
+
+            deadline = time.monotonic() + 20
+            while (service.notifier.snapshot() if service.notifier else {}).get("sent", 0) < 3:
+                assert time.monotonic() < deadline, "the notifier never counted its third delivery"
+                time.sleep(0.05)
+            api = ApiServer(service.ctx)
+            api.server.config.app = create_app(service.ctx, stats=service.stats)
+            api.start()
+            try:
+                from prometheus_client.parser import text_string_to_metric_families
+
+                text = httpx.get(f"{api.url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text)
+                    for s in f.samples
+                }
+                assert samples[("edgeship_fleet_alerts_open", (("kind", "drift"),))] == 1
+                assert samples[("edgeship_fleet_alerts_open", (("kind", "device_offline"),))] == 0
+                key = ("edgeship_fleet_ingest_messages_total", (("instance", "alerts-test"), ("outcome", "telemetry")))
+                assert samples[key] == 1
+                webhook = ("edgeship_fleet_alert_webhook_total", (("instance", "alerts-test"), ("outcome", "sent")))
+                assert samples[webhook] == 3
+            finally:
+                api.stop()
+        finally:
+            service.stop()
