@@ -200,8 +200,12 @@ def run_maintenance(
         return MaintenanceReport(ran=False)
     report = MaintenanceReport()
     cutoff = now - settings.raw
+    began = time.monotonic()
     try:
         while max_batches is None or report.batches < max_batches:
+            # Renew the lease as the run goes on (a long first run after an outage); lost to another: stop.
+            if report.batches and not take_lease(session_factory, owner, now + time.monotonic() - began, lease_s):
+                break
             started = time.monotonic()
             with session_factory() as session:
                 sqlite = session.get_bind().dialect.name == "sqlite"
