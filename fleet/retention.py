@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,4 +236,51 @@ def run_maintenance(
     return report
 
 
-__all__ = ["ROLLUPS", "MaintenanceReport", "release_lease", "rollup_batch", "run_maintenance", "take_lease"]
+def rollup_series(
+    session: Session, device_id: str, *, since: float, until: float, resolution: str = "minute"
+) -> list[dict[str, Any]]:
+    """A device's rolled-up telemetry between ``since`` and ``until`` (bucket starts), oldest first.
+
+    ``resolution`` is ``minute`` or ``hour``. Each point: ``ts`` (the bucket's start), ``n``,
+    ``requests``, ``errors``, ``p99_ms`` (mean) and ``p99_ms_max``, ``drift_psi_max``, and the mean
+    and maximum of ``cpu_percent``, ``rss_mib``, ``temperature_c``; ``None`` where no message had it.
+    Only what retention rolled up: newer data is still raw in ``telemetry``.
+    """
+    models: dict[str, type[TelemetryMinute] | type[TelemetryHour]] = {"minute": TelemetryMinute, "hour": TelemetryHour}
+    model = models.get(resolution)
+    if model is None:
+        raise ValueError(f"resolution {resolution!r}: use minute or hour")
+    rows: Iterable[TelemetryMinute | TelemetryHour] = session.scalars(
+        select(model)
+        .where(model.device_id == device_id, model.bucket >= since, model.bucket <= until)
+        .order_by(model.bucket)
+    )
+    return [
+        {
+            "ts": r.bucket,
+            "n": r.n,
+            "requests": r.requests,
+            "errors": r.errors,
+            "p99_ms": r.mean("p99"),
+            "p99_ms_max": r.p99_max,
+            "drift_psi_max": r.drift_max,
+            "cpu_percent": r.mean("cpu"),
+            "cpu_percent_max": r.cpu_max,
+            "rss_mib": r.mean("rss"),
+            "rss_mib_max": r.rss_max,
+            "temperature_c": r.mean("temperature"),
+            "temperature_c_max": r.temperature_max,
+        }
+        for r in rows
+    ]
+
+
+__all__ = [
+    "ROLLUPS",
+    "MaintenanceReport",
+    "release_lease",
+    "rollup_batch",
+    "rollup_series",
+    "run_maintenance",
+    "take_lease",
+]

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from edgeship.fleet.db import Database, migrate
 from edgeship.fleet.models import MaintenanceLease, Telemetry, TelemetryHour, TelemetryMinute
-from edgeship.fleet.retention import release_lease, run_maintenance, take_lease
+from edgeship.fleet.retention import release_lease, rollup_series, run_maintenance, take_lease
 from edgeship.fleet.settings import RetentionSettings
 from tests.fleet.fleet_fixtures import fleet_settings
 from tests.fleet.test_cli import edgeship, one_error_line
@@ -122,6 +122,19 @@ def test_rollup_numbers_raw_rows_gone_and_rerun_does_nothing(db_url: str):
         assert _raw_ts(database) == sorted(kept)
         _check(database, TelemetryMinute, _expected(rows, 60.0, cutoff))
         _check(database, TelemetryHour, _expected(rows, 3600.0, cutoff))
+
+        # The series a chart reads: per-minute points of one device, means and maxima.
+        with database.session(readonly=True) as session:
+            series = rollup_series(session, "d1", since=0.0, until=NOW)
+            hourly = rollup_series(session, "d1", since=0.0, until=NOW, resolution="hour")
+        minute = _expected(rows, 60.0, cutoff)
+        points = sorted((b, e) for (d, b), e in minute.items() if d == "d1")
+        assert [p["ts"] for p in series] == [b for b, _ in points]
+        first, (_, expected_first) = series[0], points[0]
+        assert first["n"] == expected_first["n"] and first["requests"] == expected_first["requests"]
+        p99 = expected_first["p99"]
+        assert first["p99_ms"] == (pytest.approx(sum(p99) / len(p99)) if p99 else None)
+        assert sum(p["n"] for p in hourly) == sum(e["n"] for _, e in points)
 
         # Again at the same time: nothing to do, nothing counted twice.
         again = run_maintenance(database.session, SETTINGS, NOW, owner="p2")
