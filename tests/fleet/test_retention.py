@@ -340,3 +340,25 @@ def test_cli_maintenance_run(tmp_path: Path, publisher: Publisher, sqlite_url: s
         )
     finally:
         database.dispose()
+
+
+def test_the_service_runs_the_job(tmp_path: Path, publisher: Publisher, sqlite_url: str):
+    # The service's retention thread (started by FleetService.start with the other threads; here alone, no broker).
+    from edgeship.fleet.service import FleetService
+
+    settings = fleet_settings(tmp_path, publisher, sqlite_url, retention={"raw": "1d", "interval": "1s"})
+    service = FleetService(settings, instance="retention-test")
+    try:
+        migrate(service.ctx.db)
+        now = time.time()
+        old = [{"device_id": "d", "seq": i, "ts": now - 2 * DAY + i, "requests": 1, "errors": 0} for i in range(30)]
+        _insert(service.ctx.db, [*old, {"device_id": "d", "seq": 99, "ts": now, "requests": 1, "errors": 0}])
+        service._spawn(service._retain, "edgeship-retention")
+        deadline = time.monotonic() + 30
+        while len(_raw_ts(service.ctx.db)) > 1:
+            assert time.monotonic() < deadline, "the service's retention thread never ran"
+            time.sleep(0.1)
+        with service.ctx.db.session(readonly=True) as session:
+            assert session.scalar(select(func.sum(TelemetryMinute.n))) == 30
+    finally:
+        service.stop()
