@@ -59,6 +59,7 @@ from edgeship.errors import (
 from edgeship.fleet import audit, auth, devices, enrollment, packages, rollouts
 from edgeship.fleet.auth import Principal, require_admin, require_read
 from edgeship.fleet.context import FleetContext
+from edgeship.fleet.dashboard import mount as mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ def create_app(ctx: FleetContext) -> FastAPI:
         return bundle.to_json()
 
     _tuf_routes(ctx, app)
+    mount_dashboard(app, ctx)  # /dashboard: pages for people, with a session cookie (not in OpenAPI)
     return app
 
 
