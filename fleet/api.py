@@ -3,7 +3,7 @@
 Authentication, decided before a request body is read (a pure ASGI middleware, so an
 unauthenticated upload is refused before its first byte is spooled):
 
-* ``/api/...`` and ``/openapi.json``: ``Authorization: Bearer <API token>``; a missing, unknown
+* ``/api/...``, ``/metrics`` and ``/openapi.json``: ``Authorization: Bearer <API token>``; a missing, unknown
   or revoked token gets 401. GET routes take a ``read`` or ``admin`` token; every other method
   needs ``admin`` (403 for a read token). The OpenAPI document needs a token too: it lists what
   the fleet can do, and nothing that may read it lacks one. ``/docs`` and ``/redoc`` are off.
@@ -56,7 +56,7 @@ from edgeship.errors import (
     UsageError,
     VersionRollbackError,
 )
-from edgeship.fleet import audit, auth, devices, enrollment, packages, rollouts
+from edgeship.fleet import alerts, audit, auth, devices, enrollment, packages, rollouts
 from edgeship.fleet.auth import Principal, require_admin, require_read
 from edgeship.fleet.context import FleetContext
 from edgeship.fleet.dashboard import mount as mount_dashboard
@@ -140,7 +140,7 @@ class _TokenMiddleware:
 
 
 def _needs_token(path: str) -> bool:
-    if path == "/openapi.json":
+    if path in ("/openapi.json", "/metrics"):
         return True
     return (path == "/api" or path.startswith("/api/")) and path.rstrip("/") != ENROLL_PATH
 
@@ -195,8 +195,11 @@ class AbortRequest(_Body):
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(ctx: FleetContext) -> FastAPI:
-    """The fleet's ASGI application over ``ctx`` (run it with uvicorn; ``fleet.service`` does)."""
+def create_app(ctx: FleetContext, *, stats: Any = None) -> FastAPI:
+    """The fleet's ASGI application over ``ctx`` (run it with uvicorn; ``fleet.service`` does).
+
+    ``stats``: the process's own numbers for ``/metrics`` (a ``fleet.metrics.ProcessStats``).
+    """
     app = FastAPI(
         title="edgeship fleet",
         version=__version__,
@@ -219,6 +222,8 @@ def create_app(ctx: FleetContext) -> FastAPI:
     _token_routes(ctx, admin)
     _package_routes(ctx, read, admin)
     _rollout_routes(ctx, read, admin)
+    _alert_routes(ctx, read)
+    _metrics_route(ctx, app, stats)
 
     @read.get("/audit", tags=["audit"], summary="The audit log, newest first")
     def audit_log(
@@ -491,6 +496,32 @@ def _rollout_routes(ctx: FleetContext, read: APIRouter, admin: APIRouter) -> Non
     def approve(rollout_id: Id, request: Request) -> dict[str, Any]:
         rollouts.approve(ctx, rollout_id, _actor(request))
         return rollouts.status(ctx, rollout_id)
+
+
+def _alert_routes(ctx: FleetContext, read: APIRouter) -> None:
+    @read.get("/alerts", tags=["alerts"], summary="Alerts, newest first (open ones only by default)")
+    def list_alerts(
+        open: bool = Query(True, description="Only open alerts; false lists resolved ones too."),
+        limit: Limit = 100,
+        before_id: int | None = Query(
+            None, ge=1, le=MAX_ID, description="Page back: the last id of the previous page."
+        ),
+    ) -> dict[str, Any]:
+        with ctx.db.session(readonly=True) as session:
+            rows = alerts.list_alerts(session, open_only=open, limit=limit, before_id=before_id)
+            return {"items": [alerts.alert_to_json(a) for a in rows]}
+
+
+def _metrics_route(ctx: FleetContext, app: FastAPI, stats: Any) -> None:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from edgeship.fleet.metrics import registry_for
+
+    registry = registry_for(ctx, stats)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(_: Principal = Depends(require_read)) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _actor(request: Request) -> str:

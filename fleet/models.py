@@ -8,6 +8,8 @@ Every table is written by code in one module, named in the table's docstring:
 * packages: ``fleet.packages``
 * rollouts, rollout_devices, device_quarantine: ``fleet.scheduler`` (plans from ``fleet.rollout_logic``)
 * events, telemetry: ``fleet.ingest``
+* alerts: ``fleet.alerts``
+* telemetry_minute, telemetry_hour, maintenance_leases: ``fleet.retention``
 * audit: every module that changes something on behalf of a person or a token
 
 Timestamps are UTC seconds since the epoch (float): the protocol's unit, cheap to compare
@@ -18,7 +20,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -221,6 +235,8 @@ class Telemetry(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
         Index("ix_telemetry_device_ts", "device_id", "ts"),
+        # Retention (rows older than a cutoff) and alerts (drift in the last minutes) select by time alone.
+        Index("ix_telemetry_ts", "ts"),
     )
 
 
@@ -237,3 +253,95 @@ class Audit(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     __table_args__ = (Index("ix_audit_at", "at"),)
+
+
+class Alert(Base):
+    """A condition someone should look at: a device offline, drift over the threshold, a halted rollout.
+
+    ``kind`` is ``device_offline``, ``drift`` or ``rollout_halted``; ``subject`` names what it is
+    about (``device/<id>``, ``rollout/<id>``). Opened when the condition starts, resolved
+    (``resolved_at`` set) when it clears; at most one open alert per (kind, subject), which a
+    partial unique index enforces on both databases.
+    """
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(256))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    opened_at: Mapped[float] = mapped_column(Float)
+    resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index(
+            "uq_alerts_open",
+            "kind",
+            "subject",
+            unique=True,
+            sqlite_where=text("resolved_at IS NULL"),
+            postgresql_where=text("resolved_at IS NULL"),
+        ),
+        Index("ix_alerts_resolved_at", "resolved_at"),
+    )
+
+
+class _TelemetryRollup:
+    """Raw telemetry of one device in one time bucket, summed (``fleet.retention`` adds batches into it).
+
+    Sums and counts, not means, so that batches and late messages add up exactly; ``mean(name)``
+    gives a mean. Maxima ignore missing values.
+    """
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[float] = mapped_column(Float, primary_key=True)
+    """The bucket's start (UTC seconds, a multiple of its length)."""
+    n: Mapped[int] = mapped_column(Integer)
+    """Telemetry messages rolled up into it."""
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    p99_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    p99_n: Mapped[int] = mapped_column(Integer, default=0)
+    p99_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cpu_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    cpu_n: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rss_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    rss_n: Mapped[int] = mapped_column(Integer, default=0)
+    rss_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    temperature_n: Mapped[int] = mapped_column(Integer, default=0)
+    temperature_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def mean(self, name: str) -> float | None:
+        """The mean of ``p99``, ``cpu``, ``rss`` or ``temperature`` over the messages that had it."""
+        n = getattr(self, f"{name}_n")
+        return getattr(self, f"{name}_sum") / n if n else None
+
+
+class TelemetryMinute(_TelemetryRollup, Base):
+    """Telemetry per device per minute, kept after the raw rows are deleted (``retention.minute``)."""
+
+    __tablename__ = "telemetry_minute"
+    __table_args__ = (Index("ix_telemetry_minute_bucket", "bucket"),)
+
+
+class TelemetryHour(_TelemetryRollup, Base):
+    """Telemetry per device per hour (``retention.hour``)."""
+
+    __tablename__ = "telemetry_hour"
+    __table_args__ = (Index("ix_telemetry_hour_bucket", "bucket"),)
+
+
+class MaintenanceLease(Base):
+    """Which fleet process runs a maintenance job (``retention``) until when: one at a time, taken over
+    when the holder dies (the lease expires)."""
+
+    __tablename__ = "maintenance_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    until: Mapped[float] = mapped_column(Float)

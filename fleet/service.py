@@ -4,7 +4,9 @@ Stateless beside its database and broker: any number of these processes may run 
 PostgreSQL and one broker. Each has its own MQTT clients (commands out; telemetry, events and
 status in through the shared subscription), leases the rollouts it advances (``fleet.scheduler``),
 and keeps the TUF timestamp fresh (whichever process gets there first re-signs it; the
-repository's file lock serializes them).
+repository's file lock serializes them). A maintenance thread opens and resolves alerts every
+``alerts.interval_s`` (telling ``alerts.webhook_url``, if set, from another thread) and runs the
+retention job every ``retention.interval`` (one process at a time, under a lease).
 
 MQTT client ids are stable per process (``<fleet>-<role>-<instance>``, the instance defaulting to
 the host name and HTTP port), with persistent sessions: messages that arrive while a crashed fleet process
@@ -29,9 +31,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeship.device_agent.topics import device_topic
+from edgeship.fleet import alerts, retention
 from edgeship.fleet.context import FleetContext
 from edgeship.fleet.db import migrate
 from edgeship.fleet.ingest import Counters, Ingest, Writer
+from edgeship.fleet.metrics import ProcessStats
 from edgeship.fleet.scheduler import Command, Scheduler, deploy_message
 from edgeship.fleet.settings import FleetSettings
 
@@ -102,6 +106,26 @@ class FleetService:
         self.commander: Commander | None = None
         self.ingest: list[Ingest] = []
         self.scheduler: Scheduler | None = None
+        self.notifier: alerts.Notifier | None = None
+        if settings.alerts.webhook_url:
+            self.notifier = alerts.Notifier(
+                settings.alerts.webhook_url,
+                fleet_id=settings.fleet_id,
+                timeout_s=settings.alerts.webhook_timeout_s,
+                retries=settings.alerts.webhook_retries,
+            )
+        self.maintenance_errors = 0
+
+    @property
+    def stats(self) -> ProcessStats:
+        """This process's own numbers for ``/metrics``."""
+        notifier = self.notifier
+        return ProcessStats(
+            instance=self.instance,
+            ingest_counts=self.counters.snapshot,
+            ingest_lag=lambda: max((i.lag_s for i in self.ingest), default=None),
+            webhook_counts=notifier.snapshot if notifier is not None else dict,
+        )
 
     def start(self) -> None:
         settings = self.settings
@@ -128,6 +152,8 @@ class FleetService:
             self.ingest.append(ingest)
         self._spawn(self._schedule, "edgeship-scheduler")
         self._spawn(self._refresh_tuf, "edgeship-tuf-refresh")
+        self._spawn(self._watch_alerts, "edgeship-alerts")
+        self._spawn(self._retain, "edgeship-retention")
         log.info("fleet %s service %s started", fleet, self.instance)
 
     def _ingest_client(self, client_id: str) -> Callable[[Callable[[Any, Any, Any], None], list[tuple[str, int]]], Any]:
@@ -164,6 +190,40 @@ class FleetService:
             except Exception as exc:  # a missing online key is reported, not fatal
                 log.warning("TUF refresh failed: %s", exc)
 
+    def check_alerts(self) -> list[alerts.Change]:
+        """Open and resolve alerts now and hand the changes to the webhook (the maintenance thread calls it)."""
+        changes = alerts.evaluate(self.ctx.db.session, self.settings.alerts, self.ctx.now())
+        for change in changes:
+            log.info("alert %s: %s", change.event, change.alert["message"])
+        if changes and self.notifier is not None:
+            self.notifier.send(changes)
+        return changes
+
+    def _watch_alerts(self) -> None:
+        while not self._stop.wait(self.settings.alerts.interval_s):
+            try:
+                self.check_alerts()
+            except Exception as exc:  # the database restarting: the next round retries
+                self.maintenance_errors += 1
+                log.warning("alert check failed (%s: %s); retrying", type(exc).__name__, exc)
+
+    def _retain(self) -> None:
+        # Its own thread, so a long first run after an outage never delays alerts; a lease makes it one process.
+        wait = min(60.0, self.settings.retention.interval)
+        while not self._stop.wait(wait):
+            wait = self.settings.retention.interval
+            try:
+                retention.run_maintenance(
+                    self.ctx.db.session,
+                    self.settings.retention,
+                    self.ctx.now(),
+                    owner=self.instance,
+                    max_batches=200,
+                )
+            except Exception as exc:
+                self.maintenance_errors += 1
+                log.warning("retention job failed (%s: %s); it runs again later", type(exc).__name__, exc)
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -172,6 +232,8 @@ class FleetService:
             ingest.stop()
         if self.commander is not None:
             self.commander.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self.scheduler is not None:
             try:
                 self.scheduler.release()
@@ -189,7 +251,7 @@ def serve(settings: FleetSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = FleetService(settings)
     service.start()
-    app = create_app(service.ctx)
+    app = create_app(service.ctx, stats=service.stats)
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning", lifespan="off")
     )

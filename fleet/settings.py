@@ -63,6 +63,22 @@ ingest:
   share_group: ingest  # MQTT shared subscription $share/<group>/... across fleet processes
   workers: 1
   session_expiry: 1h   # a crashed process's share waits this long in the broker for it to restart
+
+alerts:
+  offline_after: 5m    # a device with no message for this long is offline (its status topic may say so sooner)
+  drift_psi: 0.25      # a device whose drift PSI went over this within drift_window gets a drift alert
+  drift_window: 10m
+  interval_s: 15       # how often each fleet process looks for alerts to open or resolve
+  # webhook_url: https://hooks.example.com/edgeship   # POSTed JSON on every alert opened and resolved
+  webhook_timeout_s: 5
+  webhook_retries: 5   # with back-off 1 s, 2 s, 4 s ... (at most 60 s); then the delivery is dropped and logged
+
+retention:
+  raw: 7d              # raw telemetry is kept this long, then rolled up per minute and per hour and deleted
+  minute: 30d          # per-minute roll-ups are kept this long
+  hour: 365d           # per-hour roll-ups are kept this long
+  interval: 5m         # how often a fleet process runs the maintenance job (one process at a time)
+  batch: 5000          # raw rows per transaction (short transactions never hold ingest up for long)
 """
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
@@ -175,6 +191,26 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    offline_after: float = 300.0
+    drift_psi: float = 0.25
+    drift_window: float = 600.0
+    interval_s: float = 15.0
+    webhook_url: str | None = None
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = 5
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    raw: float = 7 * 86400.0
+    minute: float = 30 * 86400.0
+    hour: float = 365 * 86400.0
+    interval: float = 300.0
+    batch: int = 5000
+
+
+@dataclass(frozen=True)
 class FleetSettings:
     """Everything ``fleet.yaml`` holds; build it with ``load_settings`` or ``settings_from_dict``."""
 
@@ -187,6 +223,8 @@ class FleetSettings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     tuf: TufSettings = field(default_factory=TufSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: Path | None = None
 
     @property
@@ -227,10 +265,14 @@ _SECTIONS: dict[str, type] = {
     "scheduler": SchedulerSettings,
     "tuf": TufSettings,
     "ingest": IngestSettings,
+    "alerts": AlertSettings,
+    "retention": RetentionSettings,
 }
 _DURATION_KEYS = {
     "tuf": {"root_expiry", "targets_expiry", "snapshot_expiry", "timestamp_expiry", "refresh_within"},
     "ingest": {"session_expiry"},
+    "alerts": {"offline_after", "drift_window"},
+    "retention": {"raw", "minute", "hour", "interval"},
 }
 
 
@@ -410,10 +452,40 @@ def _validate(settings: FleetSettings) -> None:
         raise ConfigError("ingest.workers: must be at least 1")
     if not 0 < ingest.session_expiry <= 0xFFFFFFFF:
         raise ConfigError("ingest.session_expiry: must be a positive duration such as 1h")
+    _validate_alerts(settings.alerts)
+    _validate_retention(settings.retention)
+
+
+def _validate_alerts(a: AlertSettings) -> None:
+    for key in ("offline_after", "drift_window", "interval_s", "webhook_timeout_s"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"alerts.{key}: must be a positive duration")
+    if not a.drift_psi > 0:
+        raise ConfigError(f"alerts.drift_psi: must be a positive PSI such as 0.25, got {a.drift_psi:g}")
+    if a.webhook_retries < 0:
+        raise ConfigError("alerts.webhook_retries: must be 0 or more")
+    if a.webhook_url is not None:
+        url = urlparse(a.webhook_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"alerts.webhook_url: use http://host/path or https://host/path, not {a.webhook_url!r}")
+
+
+def _validate_retention(r: RetentionSettings) -> None:
+    for key in ("raw", "minute", "hour", "interval"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"retention.{key}: must be a positive duration such as 7d")
+    if r.minute < r.raw:
+        raise ConfigError(f"retention.minute ({r.minute:g} s) must be at least retention.raw ({r.raw:g} s)")
+    if r.hour < r.minute:
+        raise ConfigError(f"retention.hour ({r.hour:g} s) must be at least retention.minute ({r.minute:g} s)")
+    if not 1 <= r.batch <= 100_000:
+        raise ConfigError(f"retention.batch: must be between 1 and 100000 rows, got {r.batch}")
 
 
 __all__ = [
     "EXAMPLE",
+    "AlertSettings",
+    "RetentionSettings",
     "FleetBrokerSettings",
     "FleetSettings",
     "HttpSettings",

@@ -1,6 +1,6 @@
 """``edgeship fleet``: set up and run the fleet manager, and operate it over its HTTP API.
 
-``init``, ``serve`` and ``broker-config`` work on this machine (the settings file, the database,
+``init``, ``serve``, ``maintenance run`` and ``broker-config`` work on this machine (the settings file, the database,
 files); every other command talks to a running fleet's API (``--url`` and ``--token``, or
 ``EDGESHIP_FLEET_URL`` and ``EDGESHIP_FLEET_TOKEN``). An error the fleet reports becomes the same
 one-line error and exit code as if it had happened here (a refused package exits 3).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -39,9 +40,11 @@ app = typer.Typer(no_args_is_help=True)
 token_app = typer.Typer(no_args_is_help=True)
 enroll_token_app = typer.Typer(no_args_is_help=True)
 rollout_app = typer.Typer(no_args_is_help=True)
+maintenance_app = typer.Typer(no_args_is_help=True)
 app.add_typer(token_app, name="token", help="Create, list and revoke API tokens.")
 app.add_typer(enroll_token_app, name="enroll-token", help="Create one-time device enrollment tokens.")
 app.add_typer(rollout_app, name="rollout", help="Create, watch, pause, resume, abort and approve rollouts.")
+app.add_typer(maintenance_app, name="maintenance", help="Database maintenance: telemetry retention and roll-ups.")
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -224,6 +227,38 @@ def serve(config: Path = ConfigOption) -> None:
     # fleet.service wires the API, ingest and the scheduler; imported only here (it pulls uvicorn and MQTT).
     service = importlib.import_module("edgeship.fleet.service")
     service.serve(settings)
+
+
+@maintenance_app.command("run")
+def maintenance_run(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Roll up raw telemetry older than retention.raw per minute and per hour, delete it, and delete roll-ups past
+    retention.minute / retention.hour. Safe beside running fleet processes: small batches, one job at a time
+    (exits 0 and says so when another process holds the job's lease)."""
+    import socket
+
+    from edgeship.fleet.context import FleetContext
+    from edgeship.fleet.db import migrate
+    from edgeship.fleet.retention import run_maintenance
+    from edgeship.fleet.settings import load_settings
+
+    settings = load_settings(config)
+    ctx = FleetContext.open(settings)
+    try:
+        migrate(ctx.db)
+        report = run_maintenance(
+            ctx.db.session, settings.retention, ctx.now(), owner=f"cli-{socket.gethostname()}-{os.getpid()}"
+        )
+    finally:
+        ctx.close()
+    if as_json:
+        console.print_json(json.dumps(report.to_json()))
+    elif not report.ran:
+        console.print("another fleet process is running the maintenance job; nothing done")
+    else:
+        console.print(
+            f"rolled up and deleted {report.raw_deleted} raw telemetry rows in {report.batches} batches; "
+            f"deleted {report.minute_deleted} minute and {report.hour_deleted} hour roll-ups past retention"
+        )
 
 
 @app.command("broker-config")
