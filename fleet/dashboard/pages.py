@@ -385,7 +385,6 @@ class Dashboard:
             claims=claims,
             page=page,
             open_only=open_only,
-            available=queries.alert_ops is not None,
         )
 
     async def rollout_action(self, request: Request, rollout_id: str, operation: str) -> Response:

@@ -19,16 +19,12 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from edgeship.fleet import alerts as alert_ops
 from edgeship.fleet import devices as device_ops
 from edgeship.fleet import rollouts as rollout_ops
 from edgeship.fleet.context import FleetContext
-from edgeship.fleet.models import Device, Rollout, RolloutDevice, Telemetry
+from edgeship.fleet.models import Alert, Device, Rollout, RolloutDevice, Telemetry
 from edgeship.fleet.rollout_logic import ENDED_ROLLOUT, GATE_CHECKS, TERMINAL_DEVICE, Gates, judge_values
-
-try:  # the alerts module lands with the metrics work (issue 10); the dashboard shows none without it
-    from edgeship.fleet import alerts as alert_ops  # type: ignore[attr-defined,unused-ignore]
-except ImportError:  # pragma: no cover
-    alert_ops = None  # type: ignore[assignment]
 
 DEVICE_PAGE = 50
 ROLLOUT_PAGE = 25
@@ -98,8 +94,8 @@ class Overview:
     ota_states: list[tuple[str, int]]
     devices: Page
     active_rollouts: list[Rollout]
-    alerts: list[Any] = field(default_factory=list)
-    alerts_available: bool = False
+    alerts: list[Alert] = field(default_factory=list)
+    open_alerts: int = 0
 
     @property
     def offline(self) -> int:
@@ -154,7 +150,10 @@ def overview(
                 select(Rollout).where(Rollout.state.not_in(ENDED_ROLLOUT)).order_by(Rollout.id.desc()).limit(10)
             )
         )
-        alerts = list(alert_ops.list_alerts(session, open_only=True, limit=20)) if alert_ops is not None else []
+        alerts = alert_ops.list_alerts(session, open_only=True, limit=20)
+        open_alerts = int(
+            session.scalar(select(func.count()).select_from(Alert).where(Alert.resolved_at.is_(None))) or 0
+        )
     online = int(by_online.get(True, 0))
     total = sum(int(n) for n in by_online.values())
     return Overview(
@@ -166,14 +165,12 @@ def overview(
         devices=page,
         active_rollouts=active,
         alerts=alerts,
-        alerts_available=alert_ops is not None,
+        open_alerts=open_alerts,
     )
 
 
 def alerts_page(ctx: FleetContext, *, open_only: bool, before_id: int | None, limit: int = 50) -> Page:
-    """A page of alerts, newest first (``before_id`` pages back); empty when alerts are not available."""
-    if alert_ops is None:
-        return Page([])
+    """A page of alerts, newest first (``before_id`` pages back)."""
     with ctx.db.session(readonly=True) as session:
         rows = list(alert_ops.list_alerts(session, open_only=open_only, limit=limit + 1, before_id=before_id))
     more = len(rows) > limit

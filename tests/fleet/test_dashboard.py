@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from edgeship.fleet import auth
+from edgeship.fleet import alerts, auth
 from edgeship.fleet.dashboard.queries import bar_segments, gate_rows
 from edgeship.fleet.dashboard.sessions import SESSION_TTL_S, SessionSigner, load_secret
 from edgeship.fleet.models import Audit, Rollout
@@ -273,3 +273,21 @@ def test_gate_rows_judge_like_the_scheduler():
         ("pending", 50.0, 25.0),
         ("weird", 75.0, 25.0),
     ]
+
+
+def test_the_overview_and_the_alerts_page_show_the_open_alerts(fleet: FleetUnderTest, server: ApiServer):
+    ids = seed_devices(fleet.ctx, 14, now=fleet.clock.now)  # dev-00000 and dev-00007 are offline for an hour
+    rid = seed_halted_rollout(fleet.ctx, ids, now=fleet.clock.now)
+    changes = alerts.evaluate(fleet.ctx.db.session, fleet.ctx.settings.alerts, fleet.clock.now)
+    assert len(changes) == 3
+    with client(server) as http:
+        login(http, fleet.read_token)
+        page = http.get(f"{D}/").text
+        assert 'id="count-alerts">3<' in page
+        table = page.split('id="alerts"')[1].split("</table>")[0]
+        assert f'href="/dashboard/rollouts/{rid}">rollout/{rid}</a>' in table
+        assert 'href="/dashboard/devices/dev-00007">device/dev-00007</a>' in table
+        assert "rollout_halted" in table and "critical" in table
+        listing = http.get(f"{D}/alerts").text
+        assert listing.count("<tr class=\"sev-") == 3
+        assert "device_offline" in http.get(f"{D}/alerts", params={"all": "1"}).text
