@@ -289,5 +289,5 @@ def test_the_overview_and_the_alerts_page_show_the_open_alerts(fleet: FleetUnder
         assert 'href="/dashboard/devices/dev-00007">device/dev-00007</a>' in table
         assert "rollout_halted" in table and "critical" in table
         listing = http.get(f"{D}/alerts").text
-        assert listing.count("<tr class=\"sev-") == 3
+        assert listing.count('<tr class="sev-') == 3
         assert "device_offline" in http.get(f"{D}/alerts", params={"all": "1"}).text
