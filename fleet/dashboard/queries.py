@@ -286,7 +286,6 @@ def gate_rows(gates: Mapping[str, Any], values: Mapping[str, float | None]) -> l
 
 BAR_ORDER = (
     "COMMITTED",
-    "skipped",
     "reverted",
     "commanded",
     "reverting",
@@ -295,8 +294,9 @@ BAR_ORDER = (
     "ROLLED_BACK",
     "timed_out",
     "revert_failed",
+    "skipped",
 )
-"""The order of device states in a wave's progress bar: done well, under way, waiting, gone wrong."""
+"""The order of device states in a wave's progress bar: done well, under way, waiting, gone wrong, left out."""
 
 
 def bar_segments(states: Mapping[str, int], total: int) -> list[dict[str, Any]]:
@@ -335,14 +335,17 @@ def rollout_view(ctx: FleetContext, rollout_id: int) -> RolloutView:
     waves = []
     for wave in status["waves"]:
         states: dict[str, int] = wave["states"]
-        finished = sum(n for s, n in states.items() if s in TERMINAL_DEVICE)
+        # Skipped devices (already current, or left out after a halt) were never part of the wave's work.
+        skipped = states.get("skipped", 0)
+        finished = sum(n for s, n in states.items() if s in TERMINAL_DEVICE and s != "skipped")
+        work = wave["devices"] - skipped
         waves.append(
             {
                 **wave,
                 "finished": finished,
-                "committed": states.get("COMMITTED", 0),
-                "in_progress": states.get("commanded", 0) + states.get("reverting", 0),
-                "percent": round(100.0 * finished / wave["devices"]) if wave["devices"] else 0,
+                "skipped": skipped,
+                "work": work,
+                "percent": round(100.0 * finished / work) if work else None,
                 "current": wave["index"] == status["current_wave"] and not status["ended"],
                 "segments": bar_segments(states, wave["devices"]),
             }
