@@ -138,7 +138,7 @@ def _measure(base: str, token: str, pages: dict[str, str], rounds: int) -> dict[
         answer = http.post("/dashboard/login", data={"token": token, "csrf": _csrf(form.text)})
         if answer.status_code != 303:
             raise RuntimeError(f"login failed: {answer.status_code}")
-        for name, path in pages.items():  # warm-up: caches, template compilation
+        for path in pages.values():  # warm-up: caches, template compilation
             http.get(path).raise_for_status()
         names = list(pages)
         for r in range(rounds):
