@@ -125,7 +125,8 @@ def _int_param(value: str | None) -> int | None:
 
 
 def _str_param(value: str | None, limit: int = 64) -> str | None:
-    if not value:
+    # PostgreSQL refuses NUL in text: such a filter matches nothing anyway, so it is dropped.
+    if not value or "\x00" in value:
         return None
     return value[:limit]
 
@@ -316,6 +317,8 @@ class Dashboard:
         started = time.perf_counter()
         claims, user = self.session(request)
         try:
+            if "\x00" in device_id:
+                raise NotFoundError("there is no such device (a device id holds no NUL character)")
             view = queries.device_view(
                 self.ctx, device_id[:64], events_before=_int_param(request.query_params.get("events_before"))
             )
@@ -403,7 +406,7 @@ class Dashboard:
         number = _int_param(rollout_id)
         if number is None or operation not in rollout_ops.TRANSITIONS:
             return self.problem(request, started, 404, "there is no such rollout action", user, claims)
-        reason = (form.get("reason") or "").strip()[:512] or None
+        reason = (form.get("reason") or "").replace("\x00", "").strip()[:512] or None
         try:
             await anyio.to_thread.run_sync(
                 lambda: rollout_ops.transition(self.ctx, number, operation, user.actor, reason=reason)

@@ -291,3 +291,23 @@ def test_the_overview_and_the_alerts_page_show_the_open_alerts(fleet: FleetUnder
         listing = http.get(f"{D}/alerts").text
         assert listing.count('<tr class="sev-') == 3
         assert "device_offline" in http.get(f"{D}/alerts", params={"all": "1"}).text
+
+
+def test_nul_characters_in_urls_and_forms_are_no_500_on_either_database(any_fleet: FleetUnderTest):
+    # PostgreSQL refuses NUL in any text; the pages must not hand one to it.
+    ids = seed_devices(any_fleet.ctx, 5, now=any_fleet.clock.now)
+    rid = seed_halted_rollout(any_fleet.ctx, ids, now=any_fleet.clock.now)
+    server = ApiServer(any_fleet.ctx).start()
+    try:
+        with client(server) as http:
+            login(http, any_fleet.admin_token)
+            assert http.get(f"{D}/devices/dev%00x").status_code == 404
+            assert http.get(f"{D}/", params={"q": "dev\x00", "after": "a\x00"}).status_code == 200
+            assert http.get(f"{D}/rollouts", params={"state": "x\x00"}).status_code == 200
+            page = http.get(f"{D}/rollouts/{rid}")
+            done = http.post(f"{D}/rollouts/{rid}/abort", data={"csrf": csrf_of(page.text), "reason": "a\x00b"})
+            assert done.status_code == 303 and rollout_state(any_fleet, rid) == "aborted"
+        with client(server) as http:
+            assert login(http, "esf_\x00").status_code == 401
+    finally:
+        server.stop()
