@@ -35,10 +35,12 @@ from edgeship.fleet.auth import Principal
 from edgeship.fleet.context import FleetContext
 from edgeship.fleet.dashboard import queries
 from edgeship.fleet.dashboard.sessions import (
+    ENDED_MESSAGES,
     LOGIN_COOKIE,
     SESSION_COOKIE,
     SESSION_TTL_S,
     Claims,
+    SessionEnded,
     SessionSigner,
     load_secret,
     principal,
@@ -65,6 +67,7 @@ class _LoginRequired(Exception):
     """Raised by a page without a valid session: the handler sends the browser to the login page."""
 
     def __init__(self, next_path: str, reason: str | None = None) -> None:
+        """``reason``: a key of ``ENDED_MESSAGES`` (never free text: it travels in the URL)."""
         super().__init__(reason or "log in")
         self.next_path = next_path
         self.reason = reason
@@ -165,15 +168,17 @@ class Dashboard:
 
     def session(self, request: Request) -> tuple[Claims, Principal]:
         """The request's valid session and its principal; raises ``_LoginRequired`` otherwise."""
+        # After logging in, the browser comes back to the page it asked for (a form is not sent again).
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":
+            here = PREFIX + "/"
         claims = self.signer.verify(request.cookies.get(SESSION_COOKIE), self.ctx.now())
         if claims is None:
-            expired = SESSION_COOKIE in request.cookies
-            raise _LoginRequired(here, "your session has expired; log in again" if expired else None)
+            raise _LoginRequired(here, "expired" if SESSION_COOKIE in request.cookies else None)
         try:
             return claims, principal(self.ctx, claims)
-        except AuthError as exc:
-            raise _LoginRequired(here, str(exc)) from None
+        except SessionEnded as exc:
+            raise _LoginRequired(here, exc.code) from None
 
     async def form(self, request: Request) -> dict[str, str]:
         """The URL-encoded form of a POST (16 KiB at most); raises ``UsageError`` for anything else."""
@@ -238,7 +243,7 @@ class Dashboard:
             status_code=status_code,
             login_csrf=csrf,
             next_path=_safe_next(request.query_params.get("next")),
-            error=error or request.query_params.get("reason"),
+            error=error or ENDED_MESSAGES.get(request.query_params.get("reason") or ""),
         )
         self.set_cookie(request, response, LOGIN_COOKIE, login_cookie, 1800)
         return response

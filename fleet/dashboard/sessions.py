@@ -142,22 +142,40 @@ def load_secret(data_dir: Path) -> bytes:
     return path.read_bytes()
 
 
+class SessionEnded(AuthError):
+    """A session whose token is gone or revoked; ``code`` (``gone``, ``revoked``) says which."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+ENDED_MESSAGES = {
+    "expired": "your session has expired; log in again",
+    "revoked": "the token of your session was revoked; log in with another token",
+    "gone": "the token of your session no longer exists; log in with another token",
+}
+"""What the login page says after a session ended, by code (a fixed text: the code travels in the URL)."""
+
+
 def principal(ctx: FleetContext, claims: Claims) -> Principal:
-    """The token a session stands for; raises ``AuthError`` when it is gone, revoked, or another token."""
+    """The token a session stands for; raises ``SessionEnded`` when it is gone, revoked, or another token."""
     with ctx.db.session(readonly=True) as session:
         row = session.scalar(select(ApiToken).where(ApiToken.id == claims.token_id))
     if row is None or not hmac.compare_digest(row.token_hash[:_HASH_PREFIX], claims.token_hash_prefix):
-        raise AuthError("this session's token no longer exists; log in again")
+        raise SessionEnded(ENDED_MESSAGES["gone"], "gone")
     if row.revoked_at is not None:
-        raise AuthError(f"the token {row.name!r} was revoked; log in with another token")
+        raise SessionEnded(ENDED_MESSAGES["revoked"], "revoked")
     return Principal(row.name, row.role, row.id)
 
 
 __all__ = [
+    "ENDED_MESSAGES",
     "LOGIN_COOKIE",
     "SESSION_COOKIE",
     "SESSION_TTL_S",
     "Claims",
+    "SessionEnded",
     "SessionSigner",
     "load_secret",
     "principal",
