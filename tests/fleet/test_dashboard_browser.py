@@ -134,9 +134,11 @@ def test_an_admin_reads_the_fleet_and_aborts_a_halted_rollout(
             SCREENSHOT.write_bytes(shot)
 
         # Abort asks first: dismissing the question changes nothing.
+        here = page.url
         page.once("dialog", lambda dialog: dialog.dismiss())
-        page.click("#btn-abort")
-        page.wait_for_timeout(300)
+        page.click("#btn-abort")  # waits for a navigation the click starts; a dismissed question starts none
+        page.wait_for_load_state()
+        assert page.url == here and page.locator("#done").count() == 0
         assert state_of(fleet, rollout_id) == "rolling_back"
         page.fill("input[name='reason']", "latency regression, investigating")
         page.once("dialog", lambda dialog: dialog.accept())
