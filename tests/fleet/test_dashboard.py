@@ -317,3 +317,24 @@ def test_nul_characters_in_urls_and_forms_are_no_500_on_either_database(any_flee
             assert login(http, "esf_\x00").status_code == 401
     finally:
         server.stop()
+
+
+def test_an_admin_pauses_and_resumes_a_running_rollout(fleet: FleetUnderTest, server: ApiServer):
+    ids = seed_devices(fleet.ctx, 20, now=fleet.clock.now)
+    rid = seed_halted_rollout(fleet.ctx, ids, now=fleet.clock.now)
+    with fleet.ctx.db.session() as db:
+        row = db.get(Rollout, rid)
+        assert row is not None
+        row.state, row.halt_reason = "running", None
+    with client(server) as http:
+        login(http, fleet.admin_token)
+        page = http.get(f"{D}/rollouts/{rid}").text
+        buttons = re.findall(r'id="btn-(\w+)"', page)
+        assert buttons == ["pause", "abort"]  # the operations that apply to a running rollout
+        assert http.post(f"{D}/rollouts/{rid}/pause", data={"csrf": csrf_of(page)}).status_code == 303
+        assert rollout_state(fleet, rid) == "paused"
+        page = http.get(f"{D}/rollouts/{rid}?done=pause").text
+        assert re.findall(r'id="btn-(\w+)"', page) == ["resume", "abort"] and "pause: done." in page
+        assert http.post(f"{D}/rollouts/{rid}/resume", data={"csrf": csrf_of(page)}).status_code == 303
+        assert rollout_state(fleet, rid) == "running"
+        assert http.post(f"{D}/rollouts/{rid}/reboot", data={"csrf": csrf_of(page)}).status_code == 404
