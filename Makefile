@@ -71,17 +71,20 @@ $(STAMPTFL): pyproject.toml constraints-tflite.txt
 
 # Tests start their own broker on a free port; they only need the binary. strace records the agent's
 # file-system calls for tests/device_agent/test_power_loss.py (skipped, not failed, without it).
+# chromium is the browser the dashboard's tests drive with Playwright (tests/fleet/test_dashboard_browser.py,
+# skipped, not failed, without /usr/bin/chromium); Playwright's own browser download is not used.
 mosquitto:
 	@pkgs=""; \
 	{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || pkgs="mosquitto"; \
 	{ command -v strace >/dev/null 2>&1 || [ -x /usr/bin/strace ]; } || pkgs="$$pkgs strace"; \
+	[ -x /usr/bin/chromium ] || pkgs="$$pkgs chromium"; \
 	pkgs="$${pkgs# }"; \
 	if [ -z "$$pkgs" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 	  echo "installing $$pkgs (apt-get)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkgs; \
-	elif [ "$$pkgs" = strace ]; then \
-	  echo "strace is missing and we are not root: the power-loss test will be skipped ('sudo apt-get install strace' runs it)" >&2; \
+	elif [ "$${pkgs#mosquitto}" = "$$pkgs" ]; then \
+	  echo "$$pkgs missing and we are not root: the power-loss test (strace) or the dashboard's browser tests (chromium) will be skipped ('sudo apt-get install $$pkgs' runs them)" >&2; \
 	else \
 	  echo "$$pkgs is missing and we are not root: run 'sudo apt-get install $$pkgs', then retry" >&2; exit 1; \
 	fi

@@ -39,7 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -59,6 +59,7 @@ from edgeship.errors import (
 from edgeship.fleet import alerts, audit, auth, devices, enrollment, packages, rollouts
 from edgeship.fleet.auth import Principal, require_admin, require_read
 from edgeship.fleet.context import FleetContext
+from edgeship.fleet.dashboard import mount as mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,17 @@ class _TokenMiddleware:
             await _error(401, str(exc), "auth", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
+        if _has_nul(scope):
+            message = "the URL holds a NUL character (%00); no name, id or filter can contain one"
+            await _error(422, message, "usage")(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+def _has_nul(scope: Scope) -> bool:
+    """Whether the path or query string holds a NUL, which PostgreSQL refuses in any text (a 500 otherwise)."""
+    query: bytes = scope.get("query_string", b"")
+    return "\x00" in scope["path"] or b"%00" in query or b"\x00" in query
 
 
 def _needs_token(path: str) -> bool:
@@ -149,6 +160,24 @@ def _needs_token(path: str) -> bool:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        # PostgreSQL refuses NUL in any text or JSON value: refuse it here (422), not in SQL (500).
+        if _holds_nul(data):
+            raise ValueError("a string in the body holds a NUL character (\\u0000); remove it")
+        return data
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 class EnrollRequest(_Body):
@@ -262,6 +291,7 @@ def create_app(ctx: FleetContext, *, stats: Any = None) -> FastAPI:
         return bundle.to_json()
 
     _tuf_routes(ctx, app)
+    mount_dashboard(app, ctx)  # /dashboard: pages for people, with a session cookie (not in OpenAPI)
     return app
 
 

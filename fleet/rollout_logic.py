@@ -234,20 +234,28 @@ def gate_values(stats: WaveStats) -> dict[str, float | None]:
     }
 
 
+GATE_CHECKS: tuple[tuple[str, str, bool], ...] = (
+    ("install_failure_rate", "max_install_failure_rate", False),
+    ("rollback_rate", "max_rollback_rate", False),
+    ("error_rate_increase", "max_error_rate", False),
+    ("latency_p99_ratio", "max_latency_p99_ratio", False),
+    ("drift_psi", "max_drift_psi", False),
+    ("shadow_agreement", "min_shadow_agreement", True),
+)
+"""(value name in ``gate_values``, the ``Gates`` field that bounds it, whether that bound is a minimum)."""
+
+
 def judge(gates: Gates, stats: WaveStats) -> list[Breach]:
     """The gates a finished wave breaches (empty: it may go on)."""
-    values = gate_values(stats)
-    checks = (
-        ("install_failure_rate", gates.max_install_failure_rate, False),
-        ("rollback_rate", gates.max_rollback_rate, False),
-        ("error_rate_increase", gates.max_error_rate, False),
-        ("latency_p99_ratio", gates.max_latency_p99_ratio, False),
-        ("drift_psi", gates.max_drift_psi, False),
-        ("shadow_agreement", gates.min_shadow_agreement, True),
-    )
+    return judge_values(gates, gate_values(stats))
+
+
+def judge_values(gates: Gates, values: Mapping[str, float | None]) -> list[Breach]:
+    """The gates that ``values`` (as ``gate_values`` returns them, or as stored) breach."""
     breaches = []
-    for name, threshold, is_minimum in checks:
-        value = values[name]
+    for name, field_name, is_minimum in GATE_CHECKS:
+        threshold = getattr(gates, field_name)
+        value = values.get(name)
         if threshold is None or value is None:
             continue
         if (value < threshold) if is_minimum else (value > threshold):
