@@ -30,6 +30,7 @@ import base64
 import hashlib
 import hmac
 import os
+import random
 import re
 import secrets
 import shutil
@@ -304,11 +305,33 @@ def _bool(value: bool) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read it, close); another process may take it."""
+    """A TCP port that is free now, below the kernel's ephemeral range when there is room there.
+
+    Servers that restart on the same port (a broker, an agent, a fleet process) would otherwise pick
+    a port from the ephemeral range, which any outgoing connection of any process may take while the
+    server is down; below it only another explicit bind can. Falls back to a port the kernel chooses.
+    """
+    low = _ephemeral_low()
+    for _ in range(50):
+        port = random.randrange(10000, low) if low > 10100 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        fallback: int = sock.getsockname()[1]
+        return fallback
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------
