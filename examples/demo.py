@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(os.environ.get("EDGESHIP_DEMO_OUT", "demo-out"))
+OUT = Path(os.environ.get("EDGESHIP_DEMO_OUT", "demo-out")).resolve()  # configs name files by absolute path
 
 
 def step(title: str) -> None:
@@ -252,8 +252,8 @@ def main() -> None:
     )
 
     print(
-        "\nNot in this demo yet: the fleet at scale (10,000 simulated devices, Prometheus, the dashboard), whose issue"
-        " is open. The TensorRT and Core ML packages were checked here in ONNX Runtime and our Core ML reference"
+        "\nNot in this demo yet: the fleet at scale (10,000 simulated devices; benchmarks/fleet_scale.py)."
+        " The TensorRT and Core ML packages were checked here in ONNX Runtime and our Core ML reference"
         " evaluator; engines and Core ML predictions need a Jetson and an Apple device (hil/)."
     )
 

@@ -176,17 +176,18 @@ def run(
 
     step("9. a device: 'edgeship agent run' with this agent.yaml; the fleet deploys v1")
     port = free_port()
+    here = out.resolve()  # the agent resolves relative paths against its config file's directory
     config = {
         "device_id": DEVICE,
         "fleet_id": FLEET,
         "target": "linux-x86_64",
-        "data_dir": str(out / "device/data"),
+        "data_dir": str(here / "device/data"),
         "broker": {"url": f"mqtt://{broker.host}:{broker.port}", "keepalive_s": 10},
         "updates": {
             "metadata_url": server.url + "metadata/",
             "targets_url": server.url + "targets/",
-            "root": str(out / "fleet/root.json"),
-            "signing_keys": [str(pub)],
+            "root": str(here / "fleet/root.json"),
+            "signing_keys": [str(pub.resolve())],
         },
         "telemetry": {"interval_s": 2},
         "serve": {"port": port, "threads": 1},
@@ -206,6 +207,11 @@ def run(
     )
     try:
         while (answer := health(url)) is None:
+            if agent.poll() is not None:
+                log.flush()
+                raise SystemExit(
+                    f"the agent exited with {agent.returncode}: {(out / 'device/agent.log').read_text().strip()}"
+                )
             time.sleep(0.1)
         print(f"$ curl {url}/v1/health -> {answer[0]} {answer[1]['status']}  (nothing installed yet)")
         fleet.wait("online status", lambda: fleet.status)

@@ -166,6 +166,19 @@ class Traffic:
         self._thread.join(10)
 
 
+def _get(url: str, token: str) -> bytes:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bytes(response.read())
+
+
+def _rollout_alerts(url: str, token: str, rollout_id: int) -> list[dict[str, Any]] | None:
+    """The fleet's alerts about rollout ``rollout_id`` (open and resolved), or None before there is one."""
+    items = json.loads(_get(f"{url}/api/v1/alerts?open=false&limit=20", token))["items"]
+    found = [a for a in items if a["subject"] == f"rollout/{rollout_id}"]
+    return found or None
+
+
 def create_rollout(env: dict[str, str], *args: str, show: bool = True) -> int:
     """``edgeship fleet rollout create ...``; prints the command and the waves it made, returns the id."""
     if show:
@@ -222,6 +235,7 @@ def run(out: Path, keys: Path, packages: dict[str, Path], x_test: np.ndarray, st
             "pid_file": str(out / "broker/mosquitto.pid"),
         },
         "scheduler": {"tick_s": 0.5},
+        "alerts": {"interval_s": 1},
     }
     (out / "fleet.yaml").write_text(yaml.safe_dump(settings))
     token = edgeship("fleet", "init", "--config", out / "fleet.yaml", show=False).strip().splitlines()[-1]
@@ -304,6 +318,19 @@ def run(out: Path, keys: Path, packages: dict[str, Path], x_test: np.ndarray, st
             f"{traffic.ok} requests served during the v2 and v3 rollouts, {traffic.failed} failed"
         )
         edgeship("fleet", "audit", "--limit", "8", env=env)
+
+        step("17. what an operator watches: alerts, Prometheus metrics and the dashboard")
+        alerts = wait_for("the rollout_halted alert", lambda: _rollout_alerts(url, token, rid), 30)
+        for alert in alerts:
+            resolved = "resolved" if alert["resolved_at"] else "open"
+            print(f"alert {alert['kind']} {alert['subject']} ({alert['severity']}, {resolved}): {alert['message']}")
+        metrics = _get(f"{url}/metrics", token).decode()
+        shown = ("edgeship_fleet_devices{", "edgeship_fleet_ingest_messages_total{", "edgeship_fleet_alerts_open{")
+        lines = [line for line in metrics.splitlines() if line.startswith(shown)]
+        print(f"$ curl -H 'Authorization: Bearer ...' {url}/metrics   # {len(metrics.splitlines())} lines; a few:")
+        for line in lines:
+            print(f"  {line}")
+        print(f"dashboard: {url}/dashboard (log in with an API token; docs/dashboard.md)")
     finally:
         if traffic is not None:
             traffic.stop()
