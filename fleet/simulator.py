@@ -247,13 +247,16 @@ class SimDevice:
         *,
         model: PackageInfo | None = None,
         seed: int | None = None,
+        seq: int = 0,
     ) -> None:
         self.sim = sim
         self.id = device_id
         self.password = password
         self.behaviour = behaviour
         self.random = random.Random(seed if seed is not None else device_id)
-        self.seq = 0
+        self.seq = seq
+        """The next sequence number. The agent keeps it on disk; a simulator run that follows another one for
+        the same devices must start above the last (``--seq-start``), or its messages are duplicates."""
         self.model = model
         self.slot = "A"
         self.quarantine: set[tuple[str, int]] = set()
@@ -348,8 +351,10 @@ class SimDevice:
     async def emit(self, name: str, **fields: Any) -> None:
         """Send one event (``protocol.event``) with the next sequence number."""
         message = protocol.event(self.sim.fleet, self.id, self._next_seq(), time.time(), name, **fields)
-        await self._publish("events", self._encode(message))
+        payload = self._encode(message)
+        # Counted once handed to the client (paho writes it before the PUBACK wait, which a stop may cancel).
         self.sent["events"] += 1
+        await self._publish("events", payload)
 
     # ----------------------------------------------------------------- the session
 
@@ -413,9 +418,10 @@ class SimDevice:
         # Spread the devices over the interval so that telemetry is a steady stream, not a burst per tick.
         await asyncio.sleep(self.random.uniform(0, b.telemetry_s))
         next_at = time.monotonic()
-        while True:
-            await self._publish("telemetry", self.telemetry())
+        while not self.sim.stopping.is_set():  # nothing after the goodbye: it would mark the device online again
+            payload = self.telemetry()
             self.sent["telemetry"] += 1
+            await self._publish("telemetry", payload)
             if b.offline_rate and self.random.random() < b.offline_rate:
                 await self.go_offline(b.offline_s)
                 return
@@ -442,8 +448,9 @@ class SimDevice:
         if command["type"] == "deploy":
             await self._deploy(command)
         elif command["type"] == "report":
-            await self._publish("telemetry", self.telemetry())
+            payload = self.telemetry()
             self.sent["telemetry"] += 1
+            await self._publish("telemetry", payload)
         elif command["type"] == "clear_quarantine":
             if command.get("all"):
                 self.quarantine.clear()
@@ -600,8 +607,8 @@ async def _close(client: aiomqtt.Client, *, clean: bool) -> None:
         paho = client._client
         paho.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))  # type: ignore[no-untyped-call]
     try:
-        await client.__aexit__(None, None, None)
-    except (aiomqtt.MqttError, RuntimeError, OSError):
+        await asyncio.wait_for(client.__aexit__(None, None, None), 30)
+    except (aiomqtt.MqttError, RuntimeError, OSError, TimeoutError):
         pass
 
 
@@ -659,13 +666,12 @@ class Simulator:
         self._tasks = [asyncio.create_task(d.run(), name=f"sim-{d.id}") for d in self.devices.values()]
         await asyncio.wait_for(asyncio.gather(*(d.connected.wait() for d in self.devices.values())), timeout)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Say goodbye (retained ``offline``) and disconnect every device cleanly; raises ``TimeoutError``."""
         self.stopping.set()
         # A clean stop says goodbye with a retained offline status, as the agent does.
-        await asyncio.gather(
-            *(d._publish("status", d._status("offline"), retain=True) for d in self.devices.values() if d.client),
-            return_exceptions=True,
-        )
+        goodbyes = [d._publish("status", d._status("offline"), retain=True) for d in self.devices.values() if d.client]
+        await asyncio.wait_for(asyncio.gather(*goodbyes, return_exceptions=True), timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -723,6 +729,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offline-rate", type=float, default=0.0)
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run (0: until interrupted)")
     p.add_argument("--no-strict", action="store_true", help="do not check each message against the schema")
+    p.add_argument("--seq-start", type=int, default=0, help="first sequence number (above an earlier run's)")
     p.add_argument("--stats-s", type=float, default=10.0, help="print counts every N seconds")
     return p
 
@@ -746,7 +753,15 @@ async def _main(args: argparse.Namespace) -> None:
             failure_rate=args.bad_failure_rate, p99_ms=args.bad_p99_ms, p50_ms=min(2.0, args.bad_p99_ms)
         )
         behaviour = with_version(behaviour, args.bad_version, bad)
-    sim = Simulator(args.fleet, host or "127.0.0.1", int(port), [], behaviour=behaviour, metadata_url=args.metadata_url)
+    sim = Simulator(
+        args.fleet,
+        host or "127.0.0.1",
+        int(port),
+        [],
+        behaviour=behaviour,
+        metadata_url=args.metadata_url,
+        strict=not args.no_strict,
+    )
     initial = None
     if args.initial:
         initial = await sim.resolve(args.initial)
