@@ -31,11 +31,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -222,7 +222,7 @@ class Writer:
         for device, m in statuses:
             if device in known:
                 state.setdefault(device, {}).update(_status_state(m, now))
-        devices = Device.__table__
+        devices = cast(Table, Device.__table__)
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for device, values in state.items():
             by_columns.setdefault(tuple(sorted(values)), []).append(
@@ -249,8 +249,8 @@ class Writer:
     @staticmethod
     def _settle(session: Session, outcomes: list[dict[str, Any]]) -> None:
         """Terminal OTA transitions settle the rollout rows of the device's own deployment."""
-        rd = RolloutDevice.__table__
-        outcome = {
+        rd = cast(Table, RolloutDevice.__table__)
+        outcome: dict[str, Any] = {
             "finished_at": bindparam("b_finished_at"),
             "code": bindparam("b_code"),
             "message": bindparam("b_message"),

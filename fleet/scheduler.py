@@ -29,9 +29,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from edgeship.device_agent import protocol
@@ -421,7 +421,7 @@ class Scheduler:
         """Set ``values`` on the rows of the devices in ``params`` (``b_device``, and any bound values)."""
         if not params:
             return
-        rd = RolloutDevice.__table__
+        rd = cast(Table, RolloutDevice.__table__)
         session.execute(
             update(rd).where(rd.c.rollout_id == rollout_id, rd.c.device_id == bindparam("b_device")).values(**values),
             params,
