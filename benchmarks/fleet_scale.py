@@ -27,6 +27,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,15 +69,26 @@ class Proc:
             args, stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})}
         )
 
+    _cpu = 0.0
+    _rss = 0.0
+
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds used so far (the last value read once the process has ended)."""
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            self._cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+        return self._cpu
 
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        try:
+            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self._rss = int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return self._rss
 
     def lines(self) -> list[str]:
         return self.log.read_text(errors="replace").splitlines()
@@ -219,7 +231,7 @@ class Bench:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
-    def simulator(self, name: str, *extra: str) -> Proc:
+    def simulator(self, name: str, *extra: str, initial: int = 1) -> Proc:
         args = [
             sys.executable,
             "-m",
@@ -233,7 +245,7 @@ class Bench:
             "--metadata-url",
             f"{self.url}/tuf/metadata/",
             "--initial",
-            "bench-net/linux-x86_64/fp32/v1.edgepkg",
+            f"bench-net/linux-x86_64/fp32/v{initial}.edgepkg",
             "--stats-s",
             "5",
             *extra,
@@ -324,6 +336,7 @@ class Bench:
             "--duration",
             str(args.duration),
             "--no-strict",
+            initial=1 if self.args.skip_rollout else 2,
         )
         t0 = time.monotonic()
         cpu0, sim_cpu0 = self.fleet.cpu_s(), sim.cpu_s()
@@ -338,6 +351,7 @@ class Bench:
             last = self.sql("SELECT ts FROM telemetry ORDER BY id DESC LIMIT 1")
             lag = time.time() - last[0][0] if last else float("nan")
             rss_peak = max(rss_peak, self.fleet.rss_mib())
+            sim.cpu_s()
             samples.append((time.monotonic() - t0, stored, lag))
             print(
                 f"    t={samples[-1][0]:5.0f} s  stored {stored:>9,}  ingest lag {lag:6.1f} s  fleet RSS {self.fleet.rss_mib():.0f} MiB"
@@ -396,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         args.duration = 30.0
     print(f"machine: {cpu_line()}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (a shared machine: numbers are noisy)")
+    # SIGTERM (a background run stopped by hand) cleans up like Ctrl-C: children stopped, database dropped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     root = Path(tempfile.mkdtemp(prefix="edgeship-fleet-scale-"))
     bench = Bench(args, root)
     try:

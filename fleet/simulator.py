@@ -36,6 +36,7 @@ import json
 import logging
 import random
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -739,7 +740,10 @@ async def _main(args: argparse.Namespace) -> None:
     if args.credentials:
         with open(args.credentials) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        specs = [DeviceSpec(str(r["device_id"]), r.get("password")) for r in rows]
+        # Lines of `edgeship fleet import-devices --out` (the agent bundle) or {"device_id", "password"}.
+        specs = [
+            DeviceSpec(str(r["device_id"]), r.get("password") or (r.get("broker") or {}).get("password")) for r in rows
+        ]
     else:
         specs = [DeviceSpec(f"{args.prefix}{i:05d}") for i in range(args.devices)]
     behaviour = Behaviour(
@@ -768,6 +772,9 @@ async def _main(args: argparse.Namespace) -> None:
         if initial is None:
             raise SystemExit(f"error: {args.initial} is not listed in the fleet's metadata; push it first")
     sim.devices = {s.device_id: SimDevice(sim, s.device_id, s.password, behaviour, model=initial) for s in specs}
+    done = asyncio.Event()
+    # SIGTERM (a benchmark or service manager stopping us) ends the run cleanly: offline statuses, counts.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
     started = time.monotonic()
     await sim.start()
     print(
@@ -775,8 +782,12 @@ async def _main(args: argparse.Namespace) -> None:
         flush=True,
     )
     try:
-        while not args.duration or time.monotonic() - started < args.duration:
-            await asyncio.sleep(args.stats_s)
+        running = time.monotonic()  # --duration counts from when every device is connected
+        while not done.is_set() and (not args.duration or time.monotonic() - running < args.duration):
+            try:
+                await asyncio.wait_for(done.wait(), args.stats_s)
+            except TimeoutError:
+                pass
             print(json.dumps({"event": "stats", **sim.counts(), "outcomes": sim.outcomes()}), flush=True)
     finally:
         await sim.stop()
