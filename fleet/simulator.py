@@ -771,7 +771,10 @@ async def _main(args: argparse.Namespace) -> None:
         initial = await sim.resolve(args.initial)
         if initial is None:
             raise SystemExit(f"error: {args.initial} is not listed in the fleet's metadata; push it first")
-    sim.devices = {s.device_id: SimDevice(sim, s.device_id, s.password, behaviour, model=initial) for s in specs}
+    sim.devices = {
+        s.device_id: SimDevice(sim, s.device_id, s.password, behaviour, model=initial, seq=args.seq_start)
+        for s in specs
+    }
     done = asyncio.Event()
     # SIGTERM (a benchmark or service manager stopping us) ends the run cleanly: offline statuses, counts.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
