@@ -347,6 +347,8 @@ class Bench:
         )
         while sim.popen.poll() is None:
             time.sleep(5)
+            if sim.popen.poll() is not None:
+                break  # a sample after the devices stopped would count the idle time as lag
             stored = self.sql("SELECT count(*) FROM telemetry WHERE seq >= %s", SEQ_PHASE_B)[0][0]
             last = self.sql("SELECT ts FROM telemetry ORDER BY id DESC LIMIT 1")
             lag = time.time() - last[0][0] if last else float("nan")
@@ -376,11 +378,11 @@ class Bench:
         window = [s for s in samples if s[0] >= 10]
         sustained = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 1 else float("nan")
         print(
-            f"    sent {sent:,} in {elapsed:.0f} s ({sent / elapsed:,.0f} msg/s offered); stored {stored:,}; "
+            f"    sent {sent:,} ({sent / args.duration:,.0f} msg/s offered over {args.duration:g} s); stored {stored:,}; "
             f"lost {sent - stored:,}; sequence gaps {gaps[0]} over {gaps[1]} devices"
         )
         print(
-            f"    ingest: {sustained:,.0f} msg/s stored (steady state, from t=10 s); max lag {max(s[2] for s in samples):.1f} s; "
+            f"    ingest: {sustained:,.0f} msg/s stored (steady state, from t=10 s); max lag {max((s[2] for s in samples), default=float('nan')):.1f} s; "
             f"{drain:.1f} s to drain after the devices stopped"
         )
         print(
