@@ -9,6 +9,7 @@ Size: ``EDGESHIP_SIM_DEVICES`` (default 1000, what the issue asks of CI).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
+from edgeship.device_agent import protocol
 from edgeship.errors import ConflictError, UsageError
 from edgeship.fleet import rollouts
 from edgeship.fleet.broker import Mosquitto, password_file_users, write_broker_config
@@ -316,3 +318,81 @@ def test_bulk_enrollment_gives_each_device_its_own_account_and_one_reload(
             ctx.close()
     finally:
         broker.stop()
+
+
+# --------------------------------------------------------------------------- one device's protocol, small
+
+
+def run_devices(broker: Mosquitto, behaviour: Behaviour, work: Callable[[Simulator], Any], n: int = 2) -> Any:
+    assert broker.port is not None
+    v1 = package_from_path("net/linux-x86_64/fp32/v1.edgepkg")
+    sim = Simulator(
+        "f1", "127.0.0.1", broker.port, [DeviceSpec(f"d{i}", model=v1) for i in range(n)], behaviour=behaviour
+    )
+
+    async def main() -> Any:
+        await sim.start(timeout=30)
+        try:
+            return await asyncio.to_thread(work, sim)
+        finally:
+            await sim.stop()
+
+    return asyncio.run(main())
+
+
+def device_events(probe: Probe, device: str, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while True:
+        events = [json.loads(m.payload) for m in probe.received() if m.topic.endswith(f"/{device}/events")]
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
+
+
+def test_failed_validation_is_answered_with_the_agents_event_sequence(mosquitto: Mosquitto) -> None:
+    bad = with_version(Behaviour(install_s=0.2), 2, ModelBehaviour(failure_rate=1.0, failure_code="golden_mismatch"))
+    assert mosquitto.port is not None
+    with Probe("127.0.0.1", mosquitto.port) as probe:
+        probe.connect()
+        probe.subscribe("edgeship/v1/f1/+/events")
+
+        def deploy_twice(sim: Simulator) -> list[dict[str, Any]]:
+            command = protocol.deploy_command("c1", "dep-1", "net/linux-x86_64/fp32/v2.edgepkg", time.time())
+            probe.publish("edgeship/v1/f1/d0/cmd", protocol.encode(command))
+            assert len(device_events(probe, "d0", 6)) == 6  # the deployment ended FAILED
+            probe.publish("edgeship/v1/f1/d0/cmd", protocol.encode(command))  # the same deployment again
+            return device_events(probe, "d0", 7)
+
+        events = run_devices(mosquitto, bad, deploy_twice)
+    for message in events:
+        protocol.check(message)
+    assert [(e["event"], e["state"], e.get("code")) for e in events] == [
+        ("ota.transition", "DOWNLOADING", None),
+        ("ota.transition", "VERIFYING", None),
+        ("ota.transition", "STAGED", None),
+        ("ota.transition", "VALIDATING", None),
+        ("ota.error", "FAILED", "golden_mismatch"),
+        ("ota.transition", "FAILED", "golden_mismatch"),
+        ("ota.transition", "FAILED", "duplicate"),
+    ]
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    assert events[5]["previous_state"] == "VALIDATING" and events[5]["details"] == {"name": "net", "version": 2}
+
+
+def test_a_device_going_offline_leaves_its_will_and_comes_back(mosquitto: Mosquitto) -> None:
+    flaky = Behaviour(telemetry_s=0.3, offline_rate=1.0, offline_s=1.0)
+    assert mosquitto.port is not None
+    with Probe("127.0.0.1", mosquitto.port) as probe:
+        probe.connect()
+        probe.subscribe("edgeship/v1/f1/d0/status")
+
+        def watch(sim: Simulator) -> list[str]:
+            deadline = time.monotonic() + 20
+            while True:
+                states = [json.loads(m.payload)["state"] for m in probe.received() if m.payload]
+                if states[-3:] == ["online", "offline", "online"] or time.monotonic() > deadline:
+                    return states
+                time.sleep(0.05)
+
+        states = run_devices(mosquitto, flaky, watch, n=1)
+    assert states[-3:] == ["online", "offline", "online"], states
