@@ -252,8 +252,13 @@ class Scheduler:
                 RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave <= rollout.current_wave
             )
         ).all()
+        # One query for what is quarantined already (a halted late wave holds thousands of devices).
+        quarantined = set(
+            session.scalars(select(DeviceQuarantine.device_id).where(DeviceQuarantine.package_id == package.id))
+        )
         for row in wave_rows:
-            if session.get(DeviceQuarantine, (row.device_id, package.id)) is None and row.state != "pending":
+            if row.device_id not in quarantined and row.state != "pending":
+                quarantined.add(row.device_id)
                 session.add(
                     DeviceQuarantine(device_id=row.device_id, package_id=package.id, rollout_id=rollout.id, at=now)
                 )
