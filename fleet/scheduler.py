@@ -29,9 +29,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from edgeship.device_agent import protocol
@@ -189,21 +189,27 @@ class Scheduler:
         for _ in range(len(rollout.waves) + 1):  # a wave with nothing to do is judged at once
             view, devices = self._view(session, rollout, now)
             decision = logic.decide(view, devices, now)
-            for device_id in decision.time_out:
-                self._set_device(
-                    session,
-                    rollout.id,
-                    device_id,
-                    state="timed_out",
-                    finished_at=now,
-                    code="timeout",
-                    message=f"no outcome within {rollout.device_timeout_s:g} s",
-                )
+            # One executemany per kind of change: a wave of thousands of devices is thousands of rows.
+            self._set_devices(
+                session,
+                rollout.id,
+                [{"b_device": d} for d in decision.time_out],
+                state="timed_out",
+                finished_at=now,
+                code="timeout",
+                message=f"no outcome within {rollout.device_timeout_s:g} s",
+            )
+            self._set_devices(
+                session,
+                rollout.id,
+                [{"b_device": d, "b_deployment_id": deployment_id(rollout.id, d)} for d in decision.command],
+                state="commanded",
+                deployment_id=bindparam("b_deployment_id"),
+                commanded_at=now,
+                sent_at=now,
+            )
             for device_id in decision.command:
                 dep = deployment_id(rollout.id, device_id)
-                self._set_device(
-                    session, rollout.id, device_id, state="commanded", deployment_id=dep, commanded_at=now, sent_at=now
-                )
                 commands.append(self._command(rollout, package.target_path, device_id, dep))
             if decision.mark_wave_done:
                 rollout.wave_done_at = now
@@ -246,8 +252,13 @@ class Scheduler:
                 RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave <= rollout.current_wave
             )
         ).all()
+        # One query for what is quarantined already (a halted late wave holds thousands of devices).
+        quarantined = set(
+            session.scalars(select(DeviceQuarantine.device_id).where(DeviceQuarantine.package_id == package.id))
+        )
         for row in wave_rows:
-            if session.get(DeviceQuarantine, (row.device_id, package.id)) is None and row.state != "pending":
+            if row.device_id not in quarantined and row.state != "pending":
+                quarantined.add(row.device_id)
                 session.add(
                     DeviceQuarantine(device_id=row.device_id, package_id=package.id, rollout_id=rollout.id, at=now)
                 )
@@ -305,21 +316,26 @@ class Scheduler:
                 RolloutDevice.sent_at < now - self.resend_after_s,
             )
         ).all()
-        commands = []
-        for row in stale:
-            # Working on it: it reports this deployment in a state that is not final. One that reports
-            # it finished while the row still waits lost its outcome on the way (a fleet process died
-            # with it); the same command again makes the agent repeat where it is (code "duplicate").
-            answered = session.scalar(
-                select(func.count())
-                .select_from(Device)
-                .where(
-                    Device.id == row.device_id,
-                    Device.ota_deployment == (row.revert_deployment_id or row.deployment_id),
-                    Device.ota_state.not_in(TERMINAL_OTA),
-                )
+        commands: list[Command] = []
+        if not stale:
+            return commands
+        # Working on it: it reports this deployment in a state that is not final. One that reports
+        # it finished while the row still waits lost its outcome on the way (a fleet process died
+        # with it); the same command again makes the agent repeat where it is (code "duplicate").
+        # One query for all of them (a wave of thousands re-sent at once asked once per device).
+        working: set[tuple[str, str | None]] = set()
+        ids = [row.device_id for row in stale]
+        for start in range(0, len(ids), 1000):
+            working.update(
+                (d, dep)
+                for d, dep in session.execute(
+                    select(Device.id, Device.ota_deployment).where(
+                        Device.id.in_(ids[start : start + 1000]), Device.ota_state.not_in(TERMINAL_OTA)
+                    )
+                ).all()
             )
-            if answered:
+        for row in stale:
+            if (row.device_id, row.revert_deployment_id or row.deployment_id) in working:
                 continue
             row.sent_at = now
             if row.state == "reverting" and row.previous_package_id:
@@ -406,11 +422,14 @@ class Scheduler:
         return Command(device_id, dep, target_path, options, int(max(rollout.device_timeout_s, 60)))
 
     @staticmethod
-    def _set_device(session: Session, rollout_id: int, device_id: str, **values: Any) -> None:
+    def _set_devices(session: Session, rollout_id: int, params: list[dict[str, Any]], **values: Any) -> None:
+        """Set ``values`` on the rows of the devices in ``params`` (``b_device``, and any bound values)."""
+        if not params:
+            return
+        rd = cast(Table, RolloutDevice.__table__)
         session.execute(
-            update(RolloutDevice)
-            .where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == device_id)
-            .values(**values)
+            update(rd).where(rd.c.rollout_id == rollout_id, rd.c.device_id == bindparam("b_device")).values(**values),
+            params,
         )
 
     def _audit(self, session: Session, now: float, action: str, rollout: Rollout, details: dict[str, Any]) -> None:

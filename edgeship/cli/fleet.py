@@ -488,6 +488,37 @@ def devices(
     console.print(f"{shown} of {answer['total']} device(s)" + (f" from {offset}" if offset else ""))
 
 
+@app.command("import-devices")
+def import_devices(
+    csv_file: Path = typer.Argument(..., metavar="devices.csv", help="device_id,target[,tags] (tags: k=v;k2=v2)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the devices' credentials (JSON lines, mode 0600)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Enroll many devices at once from a CSV file: one transaction, one password-file write, one broker reload.
+
+    Runs on the broker's host (it edits broker.accounts_file). Each device gets its own broker account
+    (the ACL lets it reach only its own topics); the credentials file holds each device's agent bundle
+    (broker password in clear): hand each line to its device, then delete the file.
+    """
+    from edgeship.fleet.context import FleetContext
+    from edgeship.fleet.dev_tls import write_private
+    from edgeship.fleet.enrollment import enroll_many, read_device_csv
+    from edgeship.fleet.settings import load_settings
+
+    if out.exists():
+        raise UsageError(f"{out} exists; choose another --out (it would hold new passwords)")
+    rows = read_device_csv(csv_file)
+    ctx = FleetContext.open(load_settings(config))
+    try:
+        started = time.monotonic()
+        bundles = enroll_many(ctx, rows, actor="cli")
+        elapsed = time.monotonic() - started
+    finally:
+        ctx.close()
+    write_private(out, "".join(json.dumps(b.to_json()) + "\n" for b in bundles).encode())
+    err.print(f"enrolled {len(bundles)} device(s) in {elapsed:.1f} s; credentials in {out} (delete it once handed out)")
+
+
 # --------------------------------------------------------------------------- rollouts
 
 
