@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -38,25 +37,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import describe
+
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=10"
 FLEET = "bench"
 SEQ_PHASE_B = 1_000_000
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "sha_ni")
-
-
-def cpu_line() -> str:
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = " ".join(f for f in FLAGS if f in flags) or "none of " + " ".join(FLAGS)
-    return f"{model or platform.processor()}, {os.cpu_count()} CPUs, flags {shown}; Python {sys.version.split()[0]}"
 
 
 class Proc:
@@ -423,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.duration = 30.0
-    print(f"machine: {cpu_line()}")
+    print(f"machine: {describe()}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (a shared machine: numbers are noisy)")
     # SIGTERM (a background run stopped by hand) cleans up like Ctrl-C: children stopped, database dropped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -22,7 +22,7 @@ import pytest
 from edgeship.fleet import auth
 from edgeship.fleet.context import FleetContext
 from edgeship.fleet.db import migrate
-from edgeship.fleet.models import Device
+from edgeship.fleet.models import Device, Package
 from edgeship.fleet.settings import FleetSettings, settings_from_dict
 from edgeship.fleet.tuf_repo import TufRepository
 from edgeship.runtime.package.signing import public_key_pem
@@ -151,6 +151,26 @@ def _fleet(tmp_path: Path, publisher: Publisher, url: str, **overrides: Any) -> 
         yield FleetUnderTest(ctx, clock, admin, read, tmp_path)
     finally:
         ctx.close()
+
+
+def package_row(*, target: str = "t", version: int = 2, **overrides: Any) -> Package:
+    """A ``packages`` row for model ``m`` as if pushed (no file behind it): for tests that seed the database."""
+    path = f"m/{target}/fp32/v{version}.edgepkg"
+    values: dict[str, Any] = {
+        "id": version,
+        "name": "m",
+        "version": version,
+        "target": target,
+        "format": "onnx",
+        "precision": "fp32",
+        "manifest_sha256": "0" * 64,
+        "size": 1,
+        "target_path": path,
+        "storage_key": "k",
+        "pushed_at": 0.0,
+        "pushed_by": "t",
+    }
+    return Package(**{**values, **overrides})
 
 
 def free_port() -> int:

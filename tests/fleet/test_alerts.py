@@ -16,10 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from edgeship.fleet import auth
 from edgeship.fleet.alerts import Change, Notifier, evaluate, list_alerts
 from edgeship.fleet.db import Database, migrate
-from edgeship.fleet.models import Alert, Device, Package, Rollout, Telemetry
+from edgeship.fleet.models import Alert, Device, Rollout, Telemetry
 from edgeship.fleet.settings import AlertSettings
 from tests.brokers import SecureBroker
-from tests.fleet.fleet_fixtures import ApiServer, FleetUnderTest, fleet_settings, open_fleet
+from tests.fleet.fleet_fixtures import ApiServer, FleetUnderTest, fleet_settings, open_fleet, package_row
 from tests.fleet.webhook_server import WebhookServer
 from tests.package_fixtures import Publisher
 
@@ -81,22 +81,7 @@ def _seed(database: Database) -> None:
             ]
         )
         session.flush()
-        session.add(
-            Package(
-                id=1,
-                name="m",
-                version=2,
-                target="t",
-                format="onnx",
-                precision="fp32",
-                manifest_sha256="0" * 64,
-                size=1,
-                target_path="m/t/fp32/v2.edgepkg",
-                storage_key="k",
-                pushed_at=0.0,
-                pushed_by="t",
-            )
-        )
+        session.add(package_row(id=1))
         session.flush()
         for rid, state in ((1, "running"), (2, "halted")):
             session.add(

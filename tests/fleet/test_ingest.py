@@ -24,9 +24,9 @@ from sqlalchemy.orm import sessionmaker
 from edgeship.device_agent import protocol
 from edgeship.fleet.db import Database, migrate
 from edgeship.fleet.ingest import Counters, Incoming, Ingest, Writer, count_gaps
-from edgeship.fleet.models import Device, Event, Package, Rollout, RolloutDevice, Telemetry
+from edgeship.fleet.models import Device, Event, Rollout, RolloutDevice, Telemetry
 from tests.brokers import SecureBroker
-from tests.fleet.fleet_fixtures import fleet_settings, open_fleet
+from tests.fleet.fleet_fixtures import fleet_settings, open_fleet, package_row
 from tests.package_fixtures import Publisher
 
 FLEET = "f1"
@@ -84,22 +84,7 @@ class Store:
         with self.db.session() as session:
             session.add_all(Device(id=d, target="linux-x86_64", enrolled_at=0.0) for d in DEVICES)
             session.flush()
-            session.add(
-                Package(
-                    id=1,
-                    name="m",
-                    version=2,
-                    target="linux-x86_64",
-                    format="onnx",
-                    precision="fp32",
-                    manifest_sha256="0" * 64,
-                    size=1,
-                    target_path="m/linux-x86_64/fp32/v2.edgepkg",
-                    storage_key="k",
-                    pushed_at=0.0,
-                    pushed_by="t",
-                )
-            )
+            session.add(package_row(id=1, target="linux-x86_64"))
             session.flush()
             session.add(
                 Rollout(id=1, name="r", package_id=1, created_at=0.0, created_by="t", updated_at=0.0, waves=["100%"])

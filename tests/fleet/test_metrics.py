@@ -13,8 +13,8 @@ from sqlalchemy import update
 from edgeship.fleet.api import create_app
 from edgeship.fleet.context import FleetContext
 from edgeship.fleet.metrics import ProcessStats
-from edgeship.fleet.models import Alert, Device, Event, Package, Rollout, RolloutDevice, Telemetry
-from tests.fleet.fleet_fixtures import ApiServer, FleetUnderTest
+from edgeship.fleet.models import Alert, Device, Event, Rollout, RolloutDevice, Telemetry
+from tests.fleet.fleet_fixtures import ApiServer, FleetUnderTest, package_row
 
 
 def _scrape(url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -34,22 +34,7 @@ def _seed(ctx: FleetContext, now: float) -> None:
             [Device(id=f"d{i}", target="t", enrolled_at=0.0, online=i < 3, last_seen=now) for i in range(5)]
         )
         session.flush()
-        session.add(
-            Package(
-                id=1,
-                name="m",
-                version=2,
-                target="t",
-                format="onnx",
-                precision="fp32",
-                manifest_sha256="0" * 64,
-                size=1,
-                target_path="m/t/fp32/v2.edgepkg",
-                storage_key="k",
-                pushed_at=0.0,
-                pushed_by="t",
-            )
-        )
+        session.add(package_row(id=1))
         session.flush()
         session.add(
             Rollout(
