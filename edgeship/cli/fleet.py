@@ -272,6 +272,14 @@ def broker_config(
     ),
     port: int = typer.Option(1883, "--port", help="Plain listener on 127.0.0.1."),
     tls_port: int = typer.Option(8883, "--tls-port", help="TLS listener (with --tls)."),
+    save_every: int = typer.Option(
+        1,
+        "--save-every",
+        min=1,
+        metavar="N",
+        help="Save the broker's database after every N changes (1: nothing acknowledged is lost on a crash; "
+        "a few hundred for thousands of devices, each save rewrites the whole database; docs/broker.md).",
+    ),
 ) -> None:
     """Write a mosquitto configuration for the fleet: accounts, device ACL, unlimited QoS 1 queues (docs/broker.md)."""
     from edgeship.fleet.broker import write_broker_config
@@ -288,7 +296,17 @@ def broker_config(
         password = secrets.token_urlsafe(24)
     if (out / "mosquitto.conf").exists():
         raise UsageError(f"{out / 'mosquitto.conf'} exists; give another --out (accounts would be overwritten)")
-    files = write_broker_config(out, fleet, {}, password, tls=tls, mutual_tls=mutual_tls, port=port, tls_port=tls_port)
+    files = write_broker_config(
+        out,
+        fleet,
+        {},
+        password,
+        tls=tls,
+        mutual_tls=mutual_tls,
+        port=port,
+        tls_port=tls_port,
+        autosave_interval=save_every,
+    )
     written = [files.conf, files.password_file, files.acl_file]
     if fleet_password_file is None:
         secret_file = out / "fleet-password"

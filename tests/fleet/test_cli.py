@@ -269,7 +269,14 @@ def test_broker_config(tmp_path: Path):
     for name in ("mosquitto.conf", "passwd", "acl", "fleet-password", "tls/ca.crt"):
         assert f"wrote {out / name}" in result.stdout
     assert (out / "fleet-password").stat().st_mode & 0o777 == 0o600
-    assert "listener 18830 127.0.0.1" in (out / "mosquitto.conf").read_text()
+    conf = (out / "mosquitto.conf").read_text().splitlines()
+    assert "listener 18830 127.0.0.1" in conf
+    assert "autosave_interval 1" in conf and "autosave_on_changes true" in conf  # nothing acknowledged is lost
     assert (out / "passwd").read_text().startswith("fleet-f1:$7$")
     again = edgeship("fleet", "broker-config", "--out", out, "--fleet", "f1")
     assert again.returncode == 2 and "exists" in one_error_line(again)
+    big = edgeship("fleet", "broker-config", "--out", tmp_path / "big", "--fleet", "f1", "--save-every", "300")
+    assert big.returncode == 0, big.stderr
+    assert "autosave_interval 300" in (tmp_path / "big/mosquitto.conf").read_text().splitlines()
+    zero = edgeship("fleet", "broker-config", "--out", tmp_path / "zero", "--fleet", "f1", "--save-every", "0")
+    assert zero.returncode == 2 and not (tmp_path / "zero/mosquitto.conf").exists()
