@@ -11,10 +11,20 @@ MQTT session in one asyncio process. Devices are enrolled in bulk (``edgeship fl
 (b) telemetry: the devices send QoS 1 telemetry at ``--rate`` messages/s for ``--duration`` seconds; the
     database is then checked by sequence number (messages lost, gaps); ingest lag, the fleet process's
     RSS and CPU and the database size are printed.
+(c) bad rollout (after a; ``--skip-bad-rollout``): v3, whose simulated p99 latency is ``--bad-p99-ms`` (30 ms against
+    6 ms), in waves 1%, 10%, 50%, 100% with soak ``--bad-soak`` (60 s): the latency gate must halt it after wave 1
+    and the fleet roll wave 1 back (signed downgrade). Prints the time from creation to halted and to rolled_back,
+    the halt reason and gate values, how many devices of waves 2-4 were ever commanded, and whether the
+    dashboard's rollout page (logged in with the admin token through the login form and its CSRF field) shows
+    the reason, with its Server-Timing.
+(d) retention (after b; ``--skip-retention``): ``edgeship fleet maintenance run`` with ``retention.raw: 1s``, so
+    every raw row is old: rows rolled up, job time, the roll-ups' message/request/error counts against the raw
+    rows they replaced, and the database and telemetry table sizes before, after, after VACUUM and VACUUM FULL.
 
     python -m benchmarks.fleet_scale                  # 10,000 devices, 5,000 msg/s for 300 s
     python -m benchmarks.fleet_scale --quick          # 10,000 devices, 30 s of telemetry
     python -m benchmarks.fleet_scale --devices 2000 --skip-telemetry
+    python -m benchmarks.fleet_scale --skip-telemetry               # (a) and (c) only
 
 The machine is shared (2 cores here, with PostgreSQL and the broker on it too): numbers are noisy.
 """
@@ -42,6 +52,7 @@ from benchmarks.machine import describe
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=10"
 FLEET = "bench"
+SEQ_PHASE_C = 500_000  # above (a)'s sequence numbers: the fleet stores one message per (device, seq)
 SEQ_PHASE_B = 1_000_000
 
 
@@ -151,7 +162,7 @@ class Bench:
         pub = root / "publisher.pub"
         pub.write_bytes(public_key_pem(key.public_key()))
         self.packages = {}
-        for version in (1, 2):
+        for version in (1, 2, 3):
             path = root / f"bench-net-v{version}.edgepkg"
             write_package(path, draft_manifest(name="bench-net", version=version), sample_contents(), [key])
             self.packages[version] = path
@@ -205,7 +216,7 @@ class Bench:
                     raise SystemExit(f"fleet serve did not answer; see {self.fleet.log}") from None
                 time.sleep(0.3)
         env = {"EDGESHIP_FLEET_URL": self.url, "EDGESHIP_FLEET_TOKEN": self.token}
-        edgeship("fleet", "push", self.packages[1], self.packages[2], env=env)
+        edgeship("fleet", "push", self.packages[1], self.packages[2], self.packages[3], env=env)
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         request = urllib.request.Request(
@@ -316,6 +327,139 @@ class Bench:
         sent = self.stop_simulator(sim)
         print(f"    simulator outcomes: {sent.get('outcomes')}")
 
+    # ----------------------------------------------------------------- (c) bad rollout
+
+    def bad_rollout(self) -> None:
+        """v3, ``--bad-p99-ms`` at p99 (the others run at 6 ms), in waves 1/10/50/100 % with ``--bad-soak``: the
+        latency gate must halt it after wave 1's soak and the fleet roll wave 1 back (signed downgrade)."""
+        args, n = self.args, self.args.devices
+        initial = 1 if args.skip_rollout else 2
+        sim = self.simulator(
+            "sim-bad",
+            "--telemetry-s",
+            str(args.bad_telemetry_s),
+            "--install-s",
+            "1",
+            "--p99-ms",
+            "6",
+            "--bad-version",
+            "3",
+            "--bad-p99-ms",
+            str(args.bad_p99_ms),
+            "--seq-start",
+            str(SEQ_PHASE_C),
+            initial=initial,
+        )
+        deadline = time.monotonic() + 600
+        while self.sql("SELECT count(*) FROM devices WHERE model_version = %s", initial)[0][0] < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not every device reported v{initial} within 10 minutes")
+            time.sleep(1)
+        time.sleep(args.bad_telemetry_s)  # every device has sent telemetry on v{initial}: the control group's data
+        created = self.api(
+            "POST",
+            "/api/v1/rollouts",
+            {"package": "bench-net:3@linux-x86_64", "waves": ["1%", "10%", "50%", "100%"], "soak_s": args.bad_soak},
+        )
+        started = time.monotonic()
+        halted_at = rolled_back_at = None
+        status: dict[str, Any] = {}
+        while time.monotonic() - started < args.bad_soak + args.rollout_timeout:
+            status = self.api("GET", f"/api/v1/rollouts/{created['id']}")
+            now = time.monotonic()
+            if halted_at is None and status["state"] in ("halted", "rolling_back", "rolled_back"):
+                halted_at = now
+            if status["state"] == "rolled_back":
+                rolled_back_at = now
+            if status["ended"]:
+                break
+            time.sleep(0.25)
+        rid = created["id"]
+        print(
+            f"\n(c) bad rollout of v3 (p99 {args.bad_p99_ms:g} ms against 6 ms) to {n} devices, "
+            f"waves 1/10/50/100 %, soak {args.bad_soak:g} s: {status.get('state')}"
+        )
+        wave0 = status["waves"][0] if status.get("waves") else {"devices": 0, "states": {}}
+        settled = (
+            status["wave_done_at"] - status["created_at"] if status.get("wave_done_at") is not None else float("nan")
+        )
+
+        def secs(t: float | None) -> str:
+            return f"{t - started:.1f} s" if t is not None else "never (timed out)"
+
+        print(f"    wave 1: {wave0['devices']} devices, all settled {settled:.1f} s after creation; {wave0['states']}")
+        print(
+            f"    creation -> halted: {secs(halted_at)}; creation -> rolled_back (wave 1 reverted): {secs(rolled_back_at)}"
+        )
+        if halted_at is not None and rolled_back_at is not None:
+            after_soak = rolled_back_at - started - settled - args.bad_soak
+            print(
+                f"    within one soak period ({args.bad_soak:g} s)? from creation: "
+                f"{'yes' if rolled_back_at - started <= args.bad_soak else 'no'}; from the end of wave 1's soak "
+                f"(the gate is judged when the soak ends, rollout_logic.decide): halted and rolled back "
+                f"{after_soak:.1f} s later ({'yes' if after_soak <= args.bad_soak else 'no'})"
+            )
+        print(f"    halt reason: {status.get('halt_reason')}")
+        print(f"    gate values: {json.dumps(status.get('gate_values'))}")
+        later = self.sql(
+            "SELECT count(*) FILTER (WHERE deployment_id IS NOT NULL OR commanded_at IS NOT NULL), count(*), "
+            "count(*) FILTER (WHERE state = 'skipped') FROM rollout_devices WHERE rollout_id = %s AND wave > 0",
+            rid,
+        )[0]
+        print(
+            f"    waves 2-4: {later[0]} of {later[1]} devices ever commanded ({later[2]} skipped); "
+            f"deploy commands in all: {self.sql('SELECT count(*) FROM rollout_devices WHERE rollout_id = %s AND deployment_id IS NOT NULL', rid)[0][0]}, "
+            f"reverts: {self.sql('SELECT count(*) FROM rollout_devices WHERE rollout_id = %s AND revert_deployment_id IS NOT NULL', rid)[0][0]}"
+        )
+        # The devices table learns a device's version from its telemetry and status, so it lags the revert events.
+        waited = time.monotonic()
+        while (on_v3 := self.sql("SELECT count(*) FROM devices WHERE model_version = 3")[0][0]) and (
+            time.monotonic() - waited < 2 * args.bad_telemetry_s + 10
+        ):
+            time.sleep(0.5)
+        print(
+            f"    devices reporting v3 in their telemetry: {on_v3} "
+            f"({time.monotonic() - waited:.1f} s after rolled_back; a device reports its version every "
+            f"{args.bad_telemetry_s:g} s)"
+        )
+        self.dashboard_check(rid, status.get("halt_reason") or "")
+        sent = self.stop_simulator(sim)
+        print(f"    simulator outcomes: {sent.get('outcomes')}")
+
+    def dashboard_check(self, rollout_id: int, reason: str) -> None:
+        """Log in to the dashboard with the admin token like a browser (pre-login cookie, CSRF field in the form,
+        session cookie) and fetch the rollout's page."""
+        import html
+        import http.cookiejar
+        import re
+        import urllib.parse
+
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with opener.open(f"{self.url}/dashboard/login", timeout=60) as response:
+            form = response.read().decode()
+        csrf = re.search(r'name="csrf" value="([^"]*)"', form)
+        if csrf is None:
+            print("    dashboard: no CSRF field in the login form")
+            return
+        path = f"/dashboard/rollouts/{rollout_id}"
+        body = urllib.parse.urlencode({"csrf": html.unescape(csrf.group(1)), "token": self.token, "next": path})
+        login = urllib.request.Request(
+            f"{self.url}/dashboard/login",
+            data=body.encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            method="POST",
+        )
+        with opener.open(login, timeout=60) as response:  # follows the 303 to the rollout's page
+            landed = response.geturl()
+        with opener.open(f"{self.url}{path}", timeout=60) as response:
+            page = html.unescape(response.read().decode())
+            timing = response.headers.get("Server-Timing")
+        shown = bool(reason) and reason in page
+        print(
+            f"    dashboard ({path}, logged in, landed on {urllib.parse.urlsplit(landed).path}): "
+            f"shows the reason: {'yes' if shown else 'no'}; Server-Timing: {timing}"
+        )
+
     # ----------------------------------------------------------------- (b) telemetry
 
     def telemetry(self) -> None:
@@ -392,6 +536,60 @@ class Bench:
             f"({(size1 - size0) / max(1, stored - 0):.0f} B per stored message); {stored0:,} rows before phase b"
         )
 
+    # ----------------------------------------------------------------- (d) retention roll-up
+
+    def sizes(self) -> str:
+        db, tel, heap, rollups = self.sql(
+            "SELECT pg_database_size(current_database()), pg_total_relation_size('telemetry'), "
+            "pg_relation_size('telemetry'), pg_total_relation_size('telemetry_minute') + "
+            "pg_total_relation_size('telemetry_hour')"
+        )[0]
+        return (
+            f"database {db / 2**20:.0f} MiB, telemetry table {tel / 2**20:.0f} MiB (heap {heap / 2**20:.0f} MiB, "
+            f"the rest indexes), roll-up tables {rollups / 2**20:.1f} MiB"
+        )
+
+    def retention(self) -> None:
+        """The maintenance job with ``retention.raw: 1s``: every raw row (phases a-c) is old; roll-ups checked."""
+        import yaml
+
+        config = yaml.safe_load(self.config.read_text())
+        config["retention"] = {"raw": "1s", "batch": 5000}
+        short = self.root / "fleet-retention.yaml"
+        short.write_text(yaml.safe_dump(config))
+        totals = "SELECT count(*), coalesce(sum(requests), 0), coalesce(sum(errors), 0) FROM telemetry"
+        rolled = "SELECT coalesce(sum(n), 0), coalesce(sum(requests), 0), coalesce(sum(errors), 0) FROM {}"
+        raw0 = self.sql(totals)[0]
+        minute0, hour0 = self.sql(rolled.format("telemetry_minute"))[0], self.sql(rolled.format("telemetry_hour"))[0]
+        print(f"\n(d) retention roll-up of {raw0[0]:,} raw telemetry rows (retention.raw 1s; the fleet's own is 7d)")
+        print(f"    before:              {self.sizes()}")
+        time.sleep(1.5)
+        began = time.monotonic()
+        report = json.loads(edgeship("fleet", "maintenance", "run", "--config", short, "--json"))
+        took = time.monotonic() - began
+        raw1 = self.sql(totals)[0]
+        minute1, hour1 = self.sql(rolled.format("telemetry_minute"))[0], self.sql(rolled.format("telemetry_hour"))[0]
+        rows = self.sql("SELECT (SELECT count(*) FROM telemetry_minute), (SELECT count(*) FROM telemetry_hour)")[0]
+        print(
+            f"    job: {json.dumps(report)} in {took:.1f} s (edgeship fleet maintenance run, one process start "
+            f"included); {rows[0]:,} minute and {rows[1]:,} hour roll-up rows; {raw1[0]:,} raw rows left"
+        )
+        replaced = [a - b for a, b in zip(raw0, raw1, strict=True)]
+        for name, before, after in (("minute", minute0, minute1), ("hour", hour0, hour1)):
+            added = [a - b for a, b in zip(after, before, strict=True)]
+            same = "equal" if added == replaced else "DIFFER"
+            print(
+                f"    {name} roll-ups added messages/requests/errors {added[0]:,}/{added[1]:,}/{added[2]:,}; "
+                f"raw rows replaced {replaced[0]:,}/{replaced[1]:,}/{replaced[2]:,}: {same}"
+            )
+        print(f"    after the job:       {self.sizes()}")
+        began = time.monotonic()
+        self.db.execute("VACUUM telemetry")
+        print(f"    after VACUUM ({time.monotonic() - began:.1f} s): {self.sizes()}")
+        began = time.monotonic()
+        self.db.execute("VACUUM FULL telemetry")
+        print(f"    after VACUUM FULL telemetry ({time.monotonic() - began:.1f} s): {self.sizes()}")
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -405,6 +603,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-processes", type=int, default=2, help="simulator processes sharing the devices in (b)")
     p.add_argument("--rollout-telemetry-s", type=float, default=30.0, help="telemetry interval during (a)")
     p.add_argument("--rollout-timeout", type=float, default=900.0)
+    p.add_argument("--skip-bad-rollout", action="store_true", help="skip (c), the rollout the latency gate halts")
+    p.add_argument("--bad-soak", type=float, default=60.0, help="soak period of the bad rollout in (c), seconds")
+    p.add_argument("--bad-p99-ms", type=float, default=30.0, help="p99 latency of the bad v3 in (c) (the others: 6)")
+    p.add_argument("--bad-telemetry-s", type=float, default=10.0, help="telemetry interval during (c)")
+    p.add_argument("--skip-retention", action="store_true", help="skip (d), the retention roll-up after (b)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
     args = p.parse_args(argv)
     if args.quick:
@@ -419,8 +622,12 @@ def main(argv: list[str] | None = None) -> None:
         bench.setup()
         if not args.skip_rollout:
             bench.rollout()
+        if not args.skip_bad_rollout:
+            bench.bad_rollout()
         if not args.skip_telemetry:
             bench.telemetry()
+            if not args.skip_retention:
+                bench.retention()
     finally:
         bench.close()
         if args.keep:
