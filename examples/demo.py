@@ -26,6 +26,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,21 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     sys.stdout.write("".join(line + "\n" for line in result.stderr.splitlines() if not line.startswith("INFO:")))
     print(f"(exit {result.returncode})", flush=True)
     return result
+
+
+def compile_version(model: Any, version: int, x_test: np.ndarray) -> None:
+    """Export ``model`` and compile it as digits-cnn ``version`` for Linux fp32 into ``dist-v<version>/``."""
+    import torch
+
+    program = torch.export.export(model, (torch.from_numpy(x_test[:1]),))
+    torch.export.save(program, str(OUT / f"digits-v{version}.pt2"))
+    recipe = OUT / f"recipe-v{version}.yaml"
+    recipe.write_text(f"name: digits-cnn\nversion: {version}\nvariants:\n  linux-x86_64: [fp32]\n")
+    cli(
+        "compile", OUT / f"digits-v{version}.pt2", "-t", "linux-x86_64", "--recipe", recipe,
+        "--calib", OUT / "calib.npz", "--eval", OUT / "eval.npz", "--key", OUT / "keys/edgeship.key",
+        "--out", OUT / f"dist-v{version}", "--input-names", "image", "--output-names", "logits",
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -176,56 +192,12 @@ def main() -> None:
 
     step("7b. a new build: the CNN retrained (another seed) and compiled as version 2 for Linux")
     retrained = train(seed=1)
-    program = torch.export.export(retrained.model, (torch.from_numpy(x_test[:1]),))
-    torch.export.save(program, str(OUT / "digits-v2.pt2"))
-    (OUT / "recipe-v2.yaml").write_text("name: digits-cnn\nversion: 2\nvariants:\n  linux-x86_64: [fp32]\n")
-    cli(
-        "compile",
-        OUT / "digits-v2.pt2",
-        "-t",
-        "linux-x86_64",
-        "--recipe",
-        OUT / "recipe-v2.yaml",
-        "--calib",
-        OUT / "calib.npz",
-        "--eval",
-        OUT / "eval.npz",
-        "--key",
-        OUT / "keys/edgeship.key",
-        "--out",
-        OUT / "dist-v2",
-        "--input-names",
-        "image",
-        "--output-names",
-        "logits",
-    )
+    compile_version(retrained.model, 2, x_test)
 
     step("7c. another build: a much larger network (width 256), compiled as version 3; it is far slower on a device")
     wide = train(width=256, epochs=2, seed=2)
     print(f"{wide.parameters} parameters, PyTorch test accuracy {wide.accuracy:.3f}")
-    program = torch.export.export(wide.model, (torch.from_numpy(x_test[:1]),))
-    torch.export.save(program, str(OUT / "digits-v3.pt2"))
-    (OUT / "recipe-v3.yaml").write_text("name: digits-cnn\nversion: 3\nvariants:\n  linux-x86_64: [fp32]\n")
-    cli(
-        "compile",
-        OUT / "digits-v3.pt2",
-        "-t",
-        "linux-x86_64",
-        "--recipe",
-        OUT / "recipe-v3.yaml",
-        "--calib",
-        OUT / "calib.npz",
-        "--eval",
-        OUT / "eval.npz",
-        "--key",
-        OUT / "keys/edgeship.key",
-        "--out",
-        OUT / "dist-v3",
-        "--input-names",
-        "image",
-        "--output-names",
-        "logits",
-    )
+    compile_version(wide.model, 3, x_test)
 
     from examples import demo_agent, demo_fleet
 
