@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
+from benchmarks.machine import describe
 from edgeship.fleet import alerts, auth
 from edgeship.fleet.models import Alert, Device, RolloutDevice, Telemetry
 from edgeship.runtime.package import TrustedKeys, generate_key
@@ -45,16 +45,6 @@ from tests.fleet.fleet_fixtures import ApiServer, _create_pg_database, _drop_pg_
 from tests.package_fixtures import Publisher
 
 GOAL_MS = 500.0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @contextmanager
@@ -119,7 +109,7 @@ def run(devices: int, telemetry: int, rounds: int, postgres: bool) -> dict[str, 
         finally:
             ctx.close()
     return {
-        "cpu": _cpu(),
+        "cpu": describe(),
         "database": "postgresql" if postgres else "sqlite",
         "rows": rows,
         "alerts_opened": len(opened),
