@@ -289,6 +289,20 @@ SCHEMAS: dict[str, Check] = {
 # --------------------------------------------------------------------------- encode / parse
 
 
+def model_ref(package: Any, slot: str) -> dict[str, Any]:
+    """The ``model`` object of status and telemetry messages for ``package`` (anything with name, version,
+    digest, target, format and precision attributes: an installed slot, a simulated package) in ``slot``."""
+    return {
+        "name": package.name,
+        "version": package.version,
+        "slot": slot,
+        "digest": package.digest,
+        "target": package.target,
+        "format": package.format,
+        "precision": package.precision,
+    }
+
+
 def encode(message: Mapping[str, Any]) -> bytes:
     """Serialize a message to compact UTF-8 JSON (no NaN: a NaN in a message is a bug, not data)."""
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgeship.device_agent import protocol
 from edgeship.device_agent.ota import Deployment
 from edgeship.errors import EdgeshipError
 from edgeship.runtime.durable import write_atomic
@@ -55,15 +56,7 @@ class SlotRecord:
 
     def model_ref(self, slot: str) -> dict[str, Any]:
         """The protocol's ``model`` object for this slot."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "slot": slot,
-            "digest": self.digest,
-            "target": self.target,
-            "format": self.format,
-            "precision": self.precision,
-        }
+        return protocol.model_ref(self, slot)
 
     def to_json(self) -> dict[str, Any]:
         return {

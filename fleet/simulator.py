@@ -135,15 +135,7 @@ class PackageInfo:
 
     def model_ref(self, slot: str) -> dict[str, Any]:
         """The protocol's ``model`` object for this package in ``slot``."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "slot": slot,
-            "digest": self.digest,
-            "target": self.target,
-            "format": self.format,
-            "precision": self.precision,
-        }
+        return protocol.model_ref(self, slot)
 
 
 def package_from_path(target_path: str, fmt: str = "onnx") -> PackageInfo:
