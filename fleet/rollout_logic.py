@@ -165,6 +165,11 @@ class Gates:
     max_drift_psi: float | None = None
     min_shadow_agreement: float | None = None
     min_devices_for_rates: int = 1
+    """A rate (install failure, rollback) needs this many finished devices, a telemetry gate this many reporting."""
+    early_halt: bool = True
+    """Halt before the wave's soak ends on a breach that is already certain or measured (``judge_early``)."""
+    min_reporting_fraction: float = 0.5
+    """Early telemetry judgement waits for this fraction of the wave's committed devices to report."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Gates:
@@ -197,10 +202,16 @@ class WaveStats:
     control_p99_ms: float | None = None
     drift_psi: float | None = None
     shadow_agreement: float | None = None
+    reporting: int | None = None
+    """Devices of the wave that sent telemetry on the new version (None: not counted)."""
 
     @property
     def finished(self) -> int:
         return self.committed + self.failed + self.rolled_back + self.timed_out
+
+    @property
+    def attempted(self) -> int:
+        return self.committed + self.failed + self.rolled_back
 
 
 @dataclass(frozen=True)
@@ -245,9 +256,55 @@ GATE_CHECKS: tuple[tuple[str, str, bool], ...] = (
 """(value name in ``gate_values``, the ``Gates`` field that bounds it, whether that bound is a minimum)."""
 
 
+OUTCOME_GATES = ("install_failure_rate", "rollback_rate")
+TELEMETRY_GATES = ("error_rate_increase", "latency_p99_ratio", "drift_psi", "shadow_agreement")
+
+
 def judge(gates: Gates, stats: WaveStats) -> list[Breach]:
-    """The gates a finished wave breaches (empty: it may go on)."""
-    return judge_values(gates, gate_values(stats))
+    """The gates a finished wave breaches (empty: it may go on). Rates over fewer than
+    ``min_devices_for_rates`` finished devices, and telemetry from fewer reporting devices, are not judged."""
+    return judge_values(gates, _enough(gates, stats, gate_values(stats)))
+
+
+def judge_early(gates: Gates, stats: WaveStats, soaking: bool) -> list[Breach]:
+    """The breaches that halt a wave before its soak ends (empty: wait for the end), when ``gates.early_halt``.
+
+    - Outcome gates, at any time in the wave: once the failures (or roll-backs) so far exceed the
+      threshold *over the whole wave*, the final rate must breach it whatever the other devices do, so
+      waiting adds nothing but more devices on a bad version.
+    - Telemetry gates, during the soak only (``soaking``: every device of the wave has finished): judged on
+      what has arrived once ``min_reporting_fraction`` of the committed devices (and at least
+      ``min_devices_for_rates``) reported on the new version. The soak is the observation window; a breach
+      that is already measured on most of the wave does not need the rest of it.
+    """
+    if not gates.early_halt or stats.total == 0:
+        return []
+    breaches = []
+    for name, count, field_name in (
+        ("install_failure_rate", stats.failed, "max_install_failure_rate"),
+        ("rollback_rate", stats.rolled_back, "max_rollback_rate"),
+    ):
+        threshold = getattr(gates, field_name)
+        if threshold is None or stats.attempted < gates.min_devices_for_rates:
+            continue
+        if count / stats.total > threshold:
+            breaches.append(Breach(name, count / stats.attempted, threshold))
+    if breaches or not soaking or not stats.committed or stats.reporting is None:
+        return breaches
+    needed = max(gates.min_devices_for_rates, math.ceil(gates.min_reporting_fraction * stats.committed))
+    if stats.reporting < needed:
+        return []
+    values = gate_values(stats)
+    return judge_values(gates, {k: values[k] for k in TELEMETRY_GATES})
+
+
+def _enough(gates: Gates, stats: WaveStats, values: dict[str, float | None]) -> dict[str, float | None]:
+    out = dict(values)
+    if stats.attempted < gates.min_devices_for_rates:
+        out.update(dict.fromkeys(OUTCOME_GATES))
+    if stats.reporting is not None and stats.reporting < gates.min_devices_for_rates:
+        out.update(dict.fromkeys(TELEMETRY_GATES))
+    return out
 
 
 def judge_values(gates: Gates, values: Mapping[str, float | None]) -> list[Breach]:
@@ -296,6 +353,8 @@ class Decision:
     time_out: list[str] = field(default_factory=list)
     mark_wave_done: bool = False
     judge_wave: bool = False
+    watch: bool = False
+    """The wave is still running or soaking: the caller may look for an early halt (``judge_early``)."""
     next_wave: int | None = None
     wait_approval: bool = False
     complete: bool = False
@@ -328,12 +387,15 @@ def decide(rollout: RolloutView, devices: Sequence[DeviceView], now: float) -> D
         if d.state not in TERMINAL_DEVICE and d.device_id not in timed_out and d.device_id not in decision.command
     ]
     if unfinished or decision.command:
+        decision.watch = True
         return decision
     if rollout.wave_done_at is None:
         decision.mark_wave_done = True
         if rollout.soak_s > 0:
+            decision.watch = True
             return decision
     elif now - rollout.wave_done_at < rollout.soak_s:
+        decision.watch = True
         return decision
     decision.judge_wave = True
     return decision

@@ -64,7 +64,13 @@ _PACKAGE_REF = re.compile(r"(?P<name>[^:@/\s]+):v?(?P<version>\d+)@(?P<target>[^
 _DEPLOY_CHECKS = {"validation": protocol.VALIDATION, "shadow": protocol.SHADOW, "health": protocol.HEALTH}
 _MAX_INT = 2**31 - 1  # the database's integer columns
 _MAX_SECONDS = 365 * 86400.0
-_RATE_GATES = ("max_install_failure_rate", "max_rollback_rate", "max_error_rate", "min_shadow_agreement")
+_RATE_GATES = (
+    "max_install_failure_rate",
+    "max_rollback_rate",
+    "max_error_rate",
+    "min_shadow_agreement",
+    "min_reporting_fraction",
+)
 
 
 def parse_package_ref(ref: str) -> tuple[str, int, str, str | None]:
@@ -192,6 +198,12 @@ def check_gates(data: Any) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"gate min_devices_for_rates must be a whole number >= 1, not {value!r}")
             continue
+        if name == "early_halt":
+            if not isinstance(value, bool) and value is not None:
+                raise UsageError(f"gate early_halt is true or false, not {value!r}")
+            continue
+        if name == "min_reporting_fraction" and value is None:
+            raise UsageError("gate min_reporting_fraction is a fraction between 0 and 1; it cannot be turned off")
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

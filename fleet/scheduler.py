@@ -24,6 +24,7 @@ advanced exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -76,6 +77,7 @@ class Scheduler:
         owner: str | None = None,
         lease_s: float = 15.0,
         resend_after_s: float = 30.0,
+        early_check_s: float = 5.0,
         compatible: Callable[[str], Sequence[str]] = lambda target: (),
     ) -> None:
         self.session_factory = session_factory
@@ -84,6 +86,8 @@ class Scheduler:
         self.owner = owner or f"fleet-{uuid.uuid4().hex[:8]}"
         self.lease_s = lease_s
         self.resend_after_s = resend_after_s
+        self.early_check_s = early_check_s
+        self._watched: dict[int, float] = {}
         self.compatible = compatible
 
     # ----------------------------------------------------------------- the tick
@@ -213,26 +217,17 @@ class Scheduler:
                 commands.append(self._command(rollout, package.target_path, device_id, dep))
             if decision.mark_wave_done:
                 rollout.wave_done_at = now
+            if decision.watch:
+                self._watch(session, rollout, package, now)
+                return commands
             if not decision.judge_wave:
                 return commands
             stats = self.wave_stats(session, rollout, package, rollout.current_wave)
             breaches = logic.judge(logic.Gates.from_json(rollout.gates), stats)
-            rollout.gate_values = {
-                **(rollout.gate_values or {}),
-                str(rollout.current_wave): {k: v for k, v in logic.gate_values(stats).items()},
-            }
+            self._record_judgement(session, rollout, stats, breaches, now, early=False)
             state, wave = logic.after_judgement(view, breaches)
-            self._audit(
-                session,
-                now,
-                "rollout.wave_judged",
-                rollout,
-                {"wave": rollout.current_wave, "breaches": [b.describe() for b in breaches]},
-            )
             if state == "halted":
-                rollout.halt_reason = f"wave {rollout.current_wave + 1}: " + "; ".join(b.describe() for b in breaches)
-                rollout.state = "rolling_back"
-                self._audit(session, now, "rollout.halted", rollout, {"reason": rollout.halt_reason})
+                self._halt(session, rollout, breaches, now, early=False)
                 return commands
             if state == "completed":
                 rollout.state = "completed"
@@ -243,6 +238,49 @@ class Scheduler:
                 return commands
             rollout.current_wave, rollout.wave_started_at, rollout.wave_done_at = wave, now, None
         return commands
+
+    def _watch(self, session: Session, rollout: Rollout, package: Package, now: float) -> None:
+        """Look for an early halt in a running or soaking wave (``rollout_logic.judge_early``), at most every
+        ``early_check_s`` per rollout: the telemetry queries cover thousands of devices in a late wave."""
+        gates = logic.Gates.from_json(rollout.gates)
+        if not gates.early_halt or now - self._watched.get(rollout.id, -math.inf) < self.early_check_s:
+            return
+        self._watched[rollout.id] = now
+        soaking = rollout.wave_done_at is not None
+        stats = self.wave_stats(session, rollout, package, rollout.current_wave, telemetry=soaking)
+        breaches = logic.judge_early(gates, stats, soaking)
+        if breaches:
+            self._record_judgement(session, rollout, stats, breaches, now, early=True)
+            self._halt(session, rollout, breaches, now, early=True)
+
+    def _record_judgement(
+        self,
+        session: Session,
+        rollout: Rollout,
+        stats: logic.WaveStats,
+        breaches: Sequence[logic.Breach],
+        now: float,
+        early: bool,
+    ) -> None:
+        rollout.gate_values = {
+            **(rollout.gate_values or {}),
+            str(rollout.current_wave): {k: v for k, v in logic.gate_values(stats).items()},
+        }
+        self._audit(
+            session,
+            now,
+            "rollout.wave_judged",
+            rollout,
+            {"wave": rollout.current_wave, "breaches": [b.describe() for b in breaches], "early": early},
+        )
+
+    def _halt(
+        self, session: Session, rollout: Rollout, breaches: Sequence[logic.Breach], now: float, early: bool
+    ) -> None:
+        when = " (early: before the wave's soak ended)" if early else ""
+        rollout.halt_reason = f"wave {rollout.current_wave + 1}{when}: " + "; ".join(b.describe() for b in breaches)
+        rollout.state = "rolling_back"
+        self._audit(session, now, "rollout.halted", rollout, {"reason": rollout.halt_reason})
 
     def _roll_back(self, session: Session, rollout: Rollout, package: Package, now: float) -> list[Command]:
         """Send the wave's devices that committed the new version back to the version each had."""
@@ -352,9 +390,11 @@ class Scheduler:
 
     # ----------------------------------------------------------------- gates
 
-    def wave_stats(self, session: Session, rollout: Rollout, package: Package, wave: int) -> logic.WaveStats:
-        """The numbers a wave is judged on: its devices' outcomes, and telemetry since the wave started
-        from its devices (on the new version) against the control group (devices still on the old one)."""
+    def wave_stats(
+        self, session: Session, rollout: Rollout, package: Package, wave: int, telemetry: bool = True
+    ) -> logic.WaveStats:
+        """The numbers a wave is judged on: its devices' outcomes, and (``telemetry``) telemetry since the wave
+        started from its devices (on the new version) against the control group (devices still on the old one)."""
         rows = session.scalars(
             select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave == wave)
         ).all()
@@ -362,6 +402,15 @@ class Scheduler:
         for row in rows:
             by_state[row.state] = by_state.get(row.state, 0) + 1
         wave_devices = [r.device_id for r in rows if r.state == "COMMITTED"]
+        outcomes = {
+            "total": len(rows),
+            "committed": by_state.get("COMMITTED", 0),
+            "failed": by_state.get("FAILED", 0),
+            "rolled_back": by_state.get("ROLLED_BACK", 0),
+            "timed_out": by_state.get("timed_out", 0),
+        }
+        if not telemetry:
+            return logic.WaveStats(**outcomes)
         control = session.scalars(
             select(RolloutDevice.device_id).where(
                 RolloutDevice.rollout_id == rollout.id, RolloutDevice.state.in_(("pending", "skipped"))
@@ -372,11 +421,8 @@ class Scheduler:
         # The control group: devices of the selection not (yet) on the new version, measured on what they run.
         control_t = self._telemetry(session, list(control), since, exclude_version=package.version)
         return logic.WaveStats(
-            total=len(rows),
-            committed=by_state.get("COMMITTED", 0),
-            failed=by_state.get("FAILED", 0),
-            rolled_back=by_state.get("ROLLED_BACK", 0),
-            timed_out=by_state.get("timed_out", 0),
+            **outcomes,
+            reporting=int(wave_t["reporting"] or 0),
             error_rate=wave_t["error_rate"],
             control_error_rate=control_t["error_rate"],
             p99_ms=wave_t["p99_ms"],
@@ -393,24 +439,26 @@ class Scheduler:
         exclude_version: int | None = None,
     ) -> dict[str, float | None]:
         if not devices:
-            return {"error_rate": None, "p99_ms": None, "drift_psi": None}
+            return {"error_rate": None, "p99_ms": None, "drift_psi": None, "reporting": 0}
         conditions = [Telemetry.device_id.in_(devices), Telemetry.ts >= since]
         if version is not None:
             conditions.append(Telemetry.model_version == version)
         if exclude_version is not None:
             conditions.append(Telemetry.model_version != exclude_version)
-        requests, errors, p99, psi = session.execute(
+        requests, errors, p99, psi, reporting = session.execute(
             select(
                 func.sum(Telemetry.requests),
                 func.sum(Telemetry.errors),
                 func.avg(Telemetry.p99_ms),
                 func.max(Telemetry.drift_psi),
+                func.count(func.distinct(Telemetry.device_id)),
             ).where(and_(*conditions))
         ).one()
         return {
             "error_rate": (float(errors or 0) / float(requests)) if requests else None,
             "p99_ms": float(p99) if p99 is not None else None,
             "drift_psi": float(psi) if psi is not None else None,
+            "reporting": float(reporting or 0),
         }
 
     # ----------------------------------------------------------------- helpers

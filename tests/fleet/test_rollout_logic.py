@@ -145,3 +145,79 @@ def test_gates_compare_the_wave_with_the_control_group():
 def test_unknown_gates_are_refused_by_name():
     with pytest.raises(UsageError, match="unknown gate 'max_errors'"):
         Gates.from_json({"max_errors": 0.1})
+
+
+def test_outcome_gates_halt_a_running_wave_once_the_breach_is_certain():
+    gates = Gates(max_install_failure_rate=0.2)
+    # 2 failures of a 10-device wave: the other 8 may all commit, 2/10 does not breach 0.2 yet.
+    assert logic.judge_early(gates, WaveStats(total=10, failed=2), soaking=False) == []
+    # 3 of 10: whatever the other 7 do, the final rate is at least 0.3.
+    (breach,) = logic.judge_early(gates, WaveStats(total=10, committed=1, failed=3), soaking=False)
+    assert breach.gate == "install_failure_rate" and breach.value == pytest.approx(0.75)
+    assert (
+        logic.judge_early(Gates(max_install_failure_rate=0.2, early_halt=False), WaveStats(10, failed=9), False) == []
+    )
+    # Too few finished devices to judge a rate at all.
+    assert (
+        logic.judge_early(Gates(max_rollback_rate=0.0, min_devices_for_rates=3), WaveStats(10, rolled_back=2), False)
+        == []
+    )
+
+
+@given(
+    st.integers(1, 40).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(st.sampled_from(["COMMITTED", "FAILED", "ROLLED_BACK", "timed_out"]), min_size=n, max_size=n),
+            st.integers(0, n),
+        )
+    ),
+    st.floats(0.0, 1.0),
+    st.integers(1, 5),
+)
+def test_an_early_outcome_breach_is_always_a_breach_of_the_finished_wave(case, threshold, min_devices):
+    n, outcomes, known = case
+    gates = Gates(max_install_failure_rate=threshold, max_rollback_rate=threshold, min_devices_for_rates=min_devices)
+
+    def stats(states):
+        return WaveStats(
+            total=n,
+            committed=states.count("COMMITTED"),
+            failed=states.count("FAILED"),
+            rolled_back=states.count("ROLLED_BACK"),
+            timed_out=states.count("timed_out"),
+        )
+
+    early = {b.gate for b in logic.judge_early(gates, stats(outcomes[:known]), soaking=False)}
+    assert early <= {b.gate for b in logic.judge(gates, stats(outcomes))}
+
+
+def test_telemetry_gates_halt_a_soaking_wave_once_most_of_it_reports():
+    gates = Gates(max_latency_p99_ratio=2.0, min_reporting_fraction=0.5)
+    slow = dict(total=10, committed=10, p99_ms=30.0, control_p99_ms=6.0)
+    assert logic.judge_early(gates, WaveStats(**slow, reporting=4), soaking=True) == []  # 4 of 10 is not most
+    (breach,) = logic.judge_early(gates, WaveStats(**slow, reporting=5), soaking=True)
+    assert breach.gate == "latency_p99_ratio" and breach.value == pytest.approx(5.0)
+    # Telemetry is judged early only in the soak (the wave has finished), never while devices still install.
+    assert logic.judge_early(gates, WaveStats(**slow, reporting=10), soaking=False) == []
+    healthy = WaveStats(total=10, committed=10, p99_ms=7.0, control_p99_ms=6.0, reporting=10)
+    assert logic.judge_early(gates, healthy, soaking=True) == []
+
+
+def test_a_finished_wave_judges_rates_only_over_enough_devices():
+    gates = Gates(max_install_failure_rate=0.2, max_latency_p99_ratio=2.0, min_devices_for_rates=3)
+    assert logic.judge(gates, WaveStats(total=2, failed=2)) == []
+    assert logic.judge(gates, WaveStats(total=3, committed=1, failed=2))[0].gate == "install_failure_rate"
+    few = WaveStats(total=5, committed=5, p99_ms=30.0, control_p99_ms=6.0, reporting=2)
+    assert logic.judge(gates, few) == []
+    assert logic.judge(gates, WaveStats(**{**few.__dict__, "reporting": 3}))[0].gate == "latency_p99_ratio"
+
+
+def test_decide_asks_to_watch_a_wave_while_it_runs_or_soaks():
+    running = [DeviceView("a", 0, "COMMITTED"), DeviceView("b", 0, "commanded", commanded_at=0.0)]
+    assert logic.decide(view(), running, now=1.0).watch
+    done = [DeviceView("a", 0, "COMMITTED")]
+    assert logic.decide(view(soak_s=30.0), done, now=1.0).watch  # the soak starts
+    assert logic.decide(view(soak_s=30.0, wave_done_at=1.0), done, now=20.0).watch
+    judged = logic.decide(view(soak_s=30.0, wave_done_at=1.0), done, now=40.0)
+    assert judged.judge_wave and not judged.watch

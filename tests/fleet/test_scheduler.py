@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgeship.device_agent import protocol
 from edgeship.fleet.ingest import Counters, Incoming, Writer
-from edgeship.fleet.models import Base, Device, DeviceQuarantine, Package, Rollout, RolloutDevice
+from edgeship.fleet.models import Base, Device, DeviceQuarantine, Package, Rollout, RolloutDevice, Telemetry
 from edgeship.fleet.rollout_logic import assign_waves, parse_waves
 from edgeship.fleet.scheduler import Command, Scheduler, deploy_message
 from edgeship.fleet.tuf_repo import TufRepository
@@ -243,3 +243,44 @@ def test_deploy_messages_follow_the_protocol():
     command = Command("d1", "r1-d1", "m/t/p/v2.edgepkg", {"health": {"window_s": 5}}, 600)
     parsed = protocol.parse(deploy_message(command, time.time()), expected=protocol.COMMAND_TYPES)
     assert parsed["deployment_id"] == "r1-d1" and parsed["expires_at"] > parsed["issued_at"]
+
+
+def test_a_wave_whose_failures_already_breach_its_gate_halts_before_the_rest_answer(fleet: Fleet):
+    rid = fleet.rollout(waves=["50%", "100%"], gates={"max_install_failure_rate": 0.2})
+    first_wave = sorted(d for d, r in fleet.rows(rid).items() if r.wave == 0)
+    failing = first_wave[:2]  # 2 of 5 fail at once: 2/5 > 0.2 whatever the other three do
+    scheduler = fleet.scheduler("a", early_check_s=0.0)
+    drive(fleet, [scheduler], rid, outcome=lambda c: "FAILED" if c.device_id in failing else None, rounds=3)
+    rollout = fleet.get(rid)
+    assert rollout.state == "rolling_back" and "early" in (rollout.halt_reason or "")
+    rows = fleet.rows(rid)
+    assert {rows[d].state for d in first_wave[2:]} == {"commanded"}  # still installing: waited for, then sent back
+    assert all(rows[d].state == "skipped" for d in rows if d not in first_wave)
+
+
+def test_a_soaking_wave_with_measured_slow_latency_halts_before_the_soak_ends(fleet: Fleet):
+    rid = fleet.rollout(waves=["30%", "100%"], soak_s=3600.0, gates={"max_latency_p99_ratio": 2.0})
+    rows = fleet.rows(rid)
+    first_wave = sorted(d for d, r in rows.items() if r.wave == 0)
+    control = sorted(d for d, r in rows.items() if r.wave == 1)
+    scheduler = fleet.scheduler("a", early_check_s=0.0)
+    drive(fleet, [scheduler], rid, rounds=3)
+    assert fleet.get(rid).state == "running"  # soaking: nothing measured yet
+    now = time.time()
+    with fleet.sessions() as s:
+        for i, device in enumerate(first_wave[: len(first_wave) // 2]):  # not yet half of the wave
+            s.add(Telemetry(device_id=device, seq=100 + i, ts=now, requests=10, errors=0, p99_ms=30.0, model_version=2))
+        for i, device in enumerate(control):
+            s.add(Telemetry(device_id=device, seq=100 + i, ts=now, requests=10, errors=0, p99_ms=6.0, model_version=1))
+        s.commit()
+    scheduler.tick()
+    assert fleet.get(rid).state == "running"
+    with fleet.sessions() as s:
+        for device in first_wave[len(first_wave) // 2 :]:
+            s.add(Telemetry(device_id=device, seq=200, ts=now, requests=10, errors=0, p99_ms=30.0, model_version=2))
+        s.commit()
+    scheduler.tick()
+    rollout = fleet.get(rid)
+    assert rollout.state in ("rolling_back", "rolled_back"), rollout.state
+    assert "latency_p99_ratio 5 breaches 2" in (rollout.halt_reason or "")
+    assert rollout.gate_values["0"]["latency_p99_ratio"] == pytest.approx(5.0)
