@@ -18,7 +18,8 @@ device's messages to different workers out of order.
 
 Back-pressure instead of loss: messages wait in a bounded in-memory queue for the writer; when
 it is full, the MQTT network thread blocks, stops reading, and the broker queues for us
-(``max_queued_messages 0``, docs/broker.md).
+(``max_queued_messages 0``, docs/broker.md). Nothing is acknowledged to the broker before its batch
+is committed (``Ingest._ack``), so a crash loses only work, never a message.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Incoming:
     topic: str
     payload: bytes
     received_at: float
+    mid: int = 0
+    """The MQTT packet id, acknowledged once the message is stored (QoS > 0)."""
+    qos: int = 0
 
 
 class Counters:
@@ -412,7 +416,7 @@ class Ingest:
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         # Blocks when the writer is behind: paho stops reading and the broker holds the messages.
-        self.queue.put(Incoming(message.topic, bytes(message.payload), time.time()))
+        self.queue.put(Incoming(message.topic, bytes(message.payload), time.time(), message.mid, message.qos))
 
     def _run(self) -> None:
         while not self._stop.is_set() or not self.queue.empty():
@@ -435,6 +439,7 @@ class Ingest:
             try:
                 self.writer.write(batch)
                 self.lag_s = time.time() - batch[0].received_at
+                self._ack(batch)
                 return
             except Exception as exc:  # the database went away: keep the batch, retry (never drop it)
                 if self._stop.is_set():
@@ -444,14 +449,30 @@ class Ingest:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _ack(self, batch: Sequence[Incoming]) -> None:
+        """Acknowledge a stored batch to the broker (the client runs with ``manual_ack``). Until then the
+        broker keeps each message for this session and sends it again after a crash; storage by
+        (device, seq) makes the second copy a counted duplicate, so a killed process loses nothing."""
+        client = self.client
+        if client is None:
+            return
+        for item in batch:
+            if item.qos > 0:
+                client.ack(item.mid, item.qos)
+
     def stop(self) -> None:
-        if self.client is not None:
+        """Stop cleanly: no new messages, the queued ones stored and acknowledged, then the session ended."""
+        client = self.client
+        if client is not None:
+            client.unsubscribe([topic for topic, _ in self.filters])
+            time.sleep(0.2)  # messages the broker sent before the UNSUBACK still arrive into the queue
+        self._stop.set()
+        self._thread.join(30)
+        if client is not None:
             # A clean stop ends the MQTT session: mosquitto would otherwise go on queueing this member's
             # share of the shared subscription for it, and the processes left would miss those messages.
             # A crash keeps the session, so a process restarted under the same id gets what it missed.
             props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
-            self.client.disconnect(properties=props)
-            self.client.loop_stop()
-        self._stop.set()
-        self._thread.join(30)
+            client.disconnect(properties=props)
+            client.loop_stop()

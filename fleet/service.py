@@ -42,10 +42,18 @@ from edgeship.fleet.settings import FleetSettings
 log = logging.getLogger("edgeship.fleet")
 
 
-def mqtt_client(settings: FleetSettings, client_id: str, *, persistent: bool = True) -> mqtt.Client:
-    """A paho MQTT 5 client for the fleet's own account, connected asynchronously (it reconnects by itself)."""
+def mqtt_client(
+    settings: FleetSettings, client_id: str, *, persistent: bool = True, manual_ack: bool = False
+) -> mqtt.Client:
+    """A paho MQTT 5 client for the fleet's own account, connected asynchronously (it reconnects by itself);
+    with ``manual_ack`` a QoS 1 message is acknowledged only when the caller calls ``client.ack``."""
     broker = settings.broker
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
     username = settings.broker_username if broker.username is None else broker.username
     secret = broker.secret()
     if secret is not None:
@@ -158,7 +166,7 @@ class FleetService:
 
     def _ingest_client(self, client_id: str) -> Callable[[Callable[[Any, Any, Any], None], list[tuple[str, int]]], Any]:
         def connect(on_message: Callable[[Any, Any, Any], None], filters: list[tuple[str, int]]) -> Any:
-            client = mqtt_client(self.settings, client_id)
+            client = mqtt_client(self.settings, client_id, manual_ack=True)
             client.on_message = on_message
             client.on_connect = lambda c, u, f, rc, p: c.subscribe(filters) if not rc.is_failure else None
             client.loop_start()

@@ -413,3 +413,72 @@ def test_bad_messages_through_the_broker_are_counted_and_the_service_keeps_inges
             assert dev1 is not None and dev1.online and dev1.last_seq == 1
     finally:
         service.stop()
+
+
+def test_messages_received_but_not_yet_stored_come_back_after_a_crash(
+    tmp_path: Path, publisher: Publisher, secure_broker: SecureBroker
+) -> None:
+    """The ingest acknowledges a QoS 1 message only after its batch is committed: a process that dies with
+    messages in memory (here: the database stalled, so the writer holds them) never acknowledged them,
+    and the broker hands them to the same session when it comes back. With acknowledgement on receipt
+    (paho's default) these messages were gone."""
+    from edgeship.fleet.service import FleetService
+
+    broker = secure_broker.broker
+    path = tmp_path / "fleet.db"
+    settings = fleet_settings(
+        tmp_path,
+        publisher,
+        f"sqlite:///{path}",
+        broker={"url": f"mqtt://127.0.0.1:{broker.port}", "password": secure_broker.passwords["fleet-f1"]},
+    )
+    open_fleet(settings).close()
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1})
+    with sessionmaker(engine)() as session:
+        session.add(Device(id="dev-1", target="linux-x86_64", enrolled_at=0.0))
+        session.commit()
+    service = FleetService(settings, instance="crash-test")  # for its MQTT client settings; not started
+
+    def ingest() -> Ingest:
+        writer = Writer(engine, sessionmaker(engine), FLEET, Counters())
+        return Ingest(writer, service._ingest_client("f1-ingest-crash-test-0"), fleet=FLEET)
+
+    base = f"edgeship/v1/{FLEET}/dev-1"
+    first = ingest()
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the database stalls: nothing can be stored
+    first.start()
+    try:
+        with secure_broker.probe("dev-1", tls=False) as device:
+            device.connect()
+            deadline = time.monotonic() + 20
+            while not first.client.is_connected():
+                assert time.monotonic() < deadline, "the ingest did not connect"
+                time.sleep(0.05)
+            time.sleep(0.5)  # its subscription is in place
+            for seq in range(50):
+                assert not device.publish(f"{base}/telemetry", protocol.encode(telemetry("dev-1", seq))).is_failure
+            time.sleep(1.0)  # all 50 delivered to the ingest, held in memory behind the stalled database
+        # The process dies: no DISCONNECT, no acknowledgement, its memory gone.
+        first.client.loop_stop()
+        first.client.socket().close()
+        first._stop.set()
+        first._thread.join(30)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    second = ingest()
+    second.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with sessionmaker(engine)() as session:
+                stored = sorted(session.scalars(select(Telemetry.seq).where(Telemetry.device_id == "dev-1")))
+            if len(stored) >= 50 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert stored == list(range(50))
+    finally:
+        second.stop()
+        service.ctx.close()
+        engine.dispose()
