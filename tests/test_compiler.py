@@ -498,17 +498,17 @@ def test_min_cosine_keeps_the_most_sensitive_layers_in_float(source, digits, tmp
 
 
 def test_a_crashing_converter_fails_its_variant_and_keeps_its_output(source, tmp_path, monkeypatch):
-    import edgeship.compiler.pipeline as pipeline
+    from edgeship.compiler.emitters.onnx import OnnxEmitter
 
-    real_emit = pipeline._emit
+    real_emit = OnnxEmitter.emit
 
-    def crash_on_fp16(source, profile, precision, work, calib, recipe):
-        if precision == "fp16":
+    def crash_on_fp16(self, request):
+        if request.precision == "fp16":
             os.write(1, b"converter says: segment 7 has no lowering\n")  # as native converter code writes
             raise RuntimeError("internal converter failure")
-        return real_emit(source, profile, precision, work, calib, recipe)
+        return real_emit(self, request)
 
-    monkeypatch.setattr(pipeline, "_emit", crash_on_fp16)
+    monkeypatch.setattr(OnnxEmitter, "emit", crash_on_fp16)
     recipe = Recipe.from_dict({"variants": {"linux-x86_64": ["fp16", "fp32"]}, "validation": {"latency_runs": 2}})
     report = compile_model(source, ["linux-x86_64"], tmp_path / "d", KEY, recipe=recipe)
     failed, ok = report.variants
