@@ -281,9 +281,8 @@ def compile_model(
 def _wrong_source(target: str, fmt: str, kind: str) -> str:
     """One line: the target's emitter does not convert this kind of source, and which targets do."""
     names = {"torch": "PyTorch", "keras": "Keras and SavedModel", "onnx": "ONNX"}
-    labels = {"tflite": "TFLite", "onnx": "ONNX", "coreml": "Core ML", "tensorrt-onnx": "TensorRT"}
     known = emitters.all_emitters()
-    able = [labels.get(f, f) for f in target_profiles.FORMATS if f in known and kind in known[f].sources]
+    able = [known[f].label or f for f in target_profiles.FORMATS if f in known and kind in known[f].sources]
     hint = "; pass the PyTorch model (.pt2) for this target" if "torch" in emitters.get(fmt).sources else ""
     return (
         f"target {target} needs a {fmt} artifact, which edgeship does not build from {names.get(kind, kind)} "

@@ -211,6 +211,7 @@ class CoreMLEmitter(Emitter):
     """
 
     format = "coreml"
+    label = "Core ML"
     precisions = PRECISIONS
     sources = frozenset({"torch"})
     validation_backend = "coreml-reference"

@@ -4,7 +4,8 @@ An emitter turns the compiler's model into the artifact one target format runs. 
 is a subclass of ``Emitter`` registered by format (``edgeship.compiler.emitters.register``);
 the pipeline looks it up by the target profile's ``format`` and knows nothing else about it.
 
-* ``format``: the artifact format, one of ``edgeship.targets.FORMATS`` (the manifest's ``format``).
+* ``format``: the artifact format, one of ``edgeship.targets.FORMATS`` (the manifest's ``format``);
+  ``label``: how error messages name it ("TensorRT").
 * ``precisions``: the precisions its code builds; ``targets.PRECISIONS_BY_FORMAT[format]`` must
   not offer one it cannot build (tests/compiler/emitters/test_registry.py checks that they agree).
 * ``sources``: the ``SourceModel.kind`` values it converts ("torch", "onnx", "keras").
@@ -89,6 +90,7 @@ class Emitter(ABC):
     """
 
     format: ClassVar[str]
+    label: ClassVar[str] = ""  # how people name the format ("Core ML"); the format string if empty
     precisions: ClassVar[tuple[str, ...]]
     sources: ClassVar[frozenset[str]] = frozenset({"torch"})
     validation_backend: ClassVar[str] = "auto"
@@ -103,7 +105,7 @@ class Emitter(ABC):
         if precision not in self.precisions:
             offered = [p for p in profile.precisions if p in self.precisions]
             raise UsageError(
-                f"target {profile.name} cannot run precision {precision!r}: the {self.format} emitter builds "
+                f"target {profile.name} cannot run precision {precision!r}: the {self.label or self.format} emitter builds "
                 f"{', '.join(self.precisions)}; the target offers {', '.join(offered) or 'none of them'}"
             )
 

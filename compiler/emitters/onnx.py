@@ -139,6 +139,7 @@ class OnnxEmitter(Emitter):
     ``reduce_range``). Takes PyTorch models and ONNX files."""
 
     format = "onnx"
+    label = "ONNX"
     precisions = PRECISIONS
     sources = frozenset({"torch", "onnx"})
 

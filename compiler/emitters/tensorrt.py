@@ -269,6 +269,7 @@ class TensorRTEmitter(Emitter):
     """
 
     format = "tensorrt-onnx"
+    label = "TensorRT"
     precisions = PRECISIONS
     sources = frozenset({"torch", "onnx"})
     validation_backend = "onnxruntime"

@@ -100,6 +100,7 @@ class TFLiteEmitter(Emitter):
     """
 
     format = "tflite"
+    label = "TFLite"
     precisions = PRECISIONS
     sources = frozenset({"torch", "keras"})
 

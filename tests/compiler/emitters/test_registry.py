@@ -141,6 +141,15 @@ def test_a_registered_emitter_is_the_one_compile_uses(linear, tmp_path):
 
     emitters.register(Recording, replace=True)
     try:
+        # The profile offers int8-dynamic, this emitter does not build it: refused in plan, in one line.
+        refused = Recipe.from_dict({"variants": {"linux-x86_64": ["fp32", "int8-dynamic"]}})
+        with pytest.raises(UsageError) as info:
+            compile_model(linear, ["linux-x86_64"], tmp_path / "refused", generate_key(), recipe=refused)
+        assert str(info.value) == (
+            "target linux-x86_64 cannot run precision 'int8-dynamic': the onnx emitter builds fp32; "
+            "the target offers fp32"
+        )
+        assert seen == [] and list((tmp_path / "refused").iterdir()) == []
         report = compile_model(linear, ["linux-x86_64"], tmp_path / "dist", generate_key())
     finally:
         emitters.unregister("onnx")
