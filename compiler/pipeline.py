@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgeship import __version__
 from edgeship import targets as target_profiles
 from edgeship.compiler import data as datasets
+from edgeship.compiler import emitters
 from edgeship.compiler import report as reports
-from edgeship.compiler.emitters.base import Emitted
+from edgeship.compiler.emitters import EmitRequest
 from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.source import SourceModel
 from edgeship.compiler.validate import Metrics, stage, validate
@@ -83,7 +84,10 @@ class CompileReport:
 def plan(
     source: SourceModel, targets: Sequence[str], recipe: Recipe
 ) -> list[tuple[target_profiles.TargetProfile, str]]:
-    """Resolve (target, precision) pairs; raise ``UsageError`` for anything that cannot be built."""
+    """Resolve (target, precision) pairs; raise ``UsageError`` for anything that cannot be built.
+
+    Does no export or conversion: the target's profile says what it runs, and the emitter registered
+    for its format (``emitters.get(profile.format)``) says what it can build from this source."""
     if not targets:
         raise UsageError("name at least one target (--target); 'edgeship targets list' shows them")
     unknown_in_recipe = sorted(set(recipe.variants) - set(targets))
@@ -97,15 +101,9 @@ def plan(
             profile = target_profiles.get(name)
         except target_profiles.UnknownTargetError as exc:
             raise UsageError(str(exc)) from None
-        if source.kind == "keras" and profile.format != "tflite":
-            raise UsageError(
-                f"target {name} needs a {profile.format} artifact; Keras and SavedModel sources compile to TFLite targets only"
-            )
-        if source.kind == "onnx" and profile.format in ("tflite", "coreml"):
-            raise UsageError(
-                f"target {name} needs a {profile.format} artifact, which edgeship converts from PyTorch, not ONNX; "
-                "pass the PyTorch model (.pt2) or choose an onnx/tensorrt target"
-            )
+        emitter = emitters.get(profile.format)
+        if source.kind not in emitter.sources:
+            raise UsageError(_wrong_source(name, profile.format, source.kind))
         if source.dynamic_batch and not profile.dynamic_batch:
             raise UsageError(f"target {name} does not run a dynamic batch dimension; compile with a static batch")
         for precision in recipe.variants.get(name, (profile.default_precision,)):
@@ -118,6 +116,7 @@ def plan(
                 raise UsageError(
                     f"target {name} cannot run precision {precision!r}; it runs {', '.join(profile.precisions)}"
                 )
+            emitter.check(profile, precision)
             out.append((profile, precision))
     return out
 
@@ -180,7 +179,9 @@ def compile_model(
             work.mkdir(parents=True)
             try:
                 with converter_output(work / "convert.log"):
-                    emitted = _emit(source, profile, precision, work / "artifact", calib, recipe)
+                    emitted = emitters.get(profile.format).emit(
+                        EmitRequest(source, profile, precision, work / "artifact", calib, recipe)
+                    )
             except Exception as exc:
                 if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
                     log.debug("emitter crashed", exc_info=True)
@@ -224,11 +225,7 @@ def compile_model(
                     backend=_validation_backend(profile.format),
                 )
             notes = list(emitted.notes)
-            if profile.format == "tensorrt-onnx":
-                metrics.needs_hardware.append(
-                    "TensorRT engine build and numerics on the device; the Q/DQ graph's accuracy in ONNX Runtime "
-                    "says little about an engine (awaiting hardware)"
-                )
+            metrics.needs_hardware.extend(emitters.get(profile.format).needs_hardware)
             result = VariantResult(profile.name, precision, emitted.format, emitted.route, None, metrics, notes)
             drop = metrics.accuracy_drop_points
             if recipe.max_accuracy_drop is not None and drop is not None and drop > recipe.max_accuracy_drop:
@@ -281,151 +278,15 @@ def compile_model(
     return CompileReport(name, recipe.version, results, json_path, html_path)
 
 
-def _emit(
-    source: SourceModel,
-    profile: target_profiles.TargetProfile,
-    precision: str,
-    work: Path,
-    calib: datasets.Dataset | None,
-    recipe: Recipe,
-) -> Emitted:
-    if profile.format == "tflite":
-        from edgeship.compiler.emitters import tflite
-
-        return tflite.emit(
-            source,
-            precision,
-            work,
-            calib,
-            max_op_versions=profile.max_op_versions or None,
-            target=profile.name,
-            static_io=recipe.tflite_static_io,
-            min_cosine=recipe.quantize.min_cosine,
-            max_float_fraction=recipe.quantize.max_float_fraction,
-            fallback=recipe.quantize.fallback,
-            skipped=recipe.quantize.skipped if recipe.quantize.any else None,
-        )
-    if profile.format == "onnx":
-        from edgeship.compiler.emitters import onnx
-
-        nodes, types = _exclusions(source, recipe, work)
-        return onnx.emit(
-            source,
-            precision,
-            work,
-            calib,
-            exclude_nodes=nodes,
-            exclude_op_types=types,
-            min_cosine=recipe.quantize.min_cosine,
-            max_float_fraction=recipe.quantize.max_float_fraction,
-            fallback=recipe.quantize.fallback,
-            reduce_range=recipe.quantize.reduce_range,
-        )
-    if profile.format == "tensorrt-onnx":
-        return _emit_tensorrt(source, profile, precision, work, calib)
-    if profile.format == "coreml":
-        return _emit_coreml(source, profile, precision, work, calib)
-    raise UsageError(f"no emitter for format {profile.format!r}")
-
-
-def _exclusions(source: SourceModel, recipe: Recipe, work: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    rules = recipe.quantize
-    if not rules.any:
-        return (), ()
-    import onnx
-
-    from edgeship.compiler.emitters.onnx import export_fp32
-
-    work.mkdir(parents=True, exist_ok=True)
-    probe = work / "probe.onnx"
-    export_fp32(source, probe)
-    graph = onnx.load(str(probe)).graph
-    nodes = tuple(n.name for n in graph.node if rules.skipped(n.op_type, n.name))
-    types = tuple(sorted(t for t, r in rules.types.items() if r.skip))
-    return nodes, types
-
-
-def _emit_tensorrt(
-    source: SourceModel,
-    profile: target_profiles.TargetProfile,
-    precision: str,
-    work: Path,
-    calib: datasets.Dataset | None,
-) -> Emitted:
-    from edgeship.compiler.emitters import tensorrt
-    from edgeship.compiler.emitters.onnx import export_fp32
-    from edgeship.compiler.emitters.onnx_io import weight_bytes
-
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = work / "model_fp32.onnx"
-    export_fp32(source, fp32)
-    batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
-    result = tensorrt.emit_tensorrt(
-        fp32,
-        work / "trt",
-        precision=precision,
-        calibration=None if calib is None else list(calib.batches(batch)),
-        min_tensorrt_version=profile.runtime_version,
-    )
-    files = {"model/model.onnx": result.onnx_path, "model/build_spec.json": result.build_spec_path}
-    data = result.onnx_path.with_name(result.onnx_path.name + ".data")
-    if data.is_file():
-        files[f"model/{data.name}"] = data
-    return Emitted(
-        "tensorrt-onnx",
-        precision,
-        "model/model.onnx",
-        files,
-        result.inputs,
-        result.outputs,
-        weight_bytes(result.onnx_path),
-        "torch.onnx + onnxruntime.quantization (symmetric Q/DQ)"
-        if precision == "int8-qdq"
-        else "torch.onnx (fp16 built on the device)",
-        list(result.notes),
-    )
-
-
-def _emit_coreml(
-    source: SourceModel,
-    profile: target_profiles.TargetProfile,
-    precision: str,
-    work: Path,
-    calib: datasets.Dataset | None,
-) -> Emitted:
-    import torch
-
-    from edgeship.compiler import coreml
-
-    if source.kind != "torch":
-        raise UsageError("Core ML artifacts are converted from PyTorch models")
-    work.mkdir(parents=True, exist_ok=True)
-    coreml.register()
-    examples = tuple(torch.from_numpy(np.ascontiguousarray(source.example[t.name])) for t in source.inputs)
-    calibration = None if calib is None else list(calib.batches(1))
-    result = coreml.emit_coreml(
-        source.module,
-        examples,
-        [t.name for t in source.inputs],
-        [t.name for t in source.outputs],
-        precision,
-        profile.min_os or "iOS17",
-        work / "model.mlpackage",
-        calibration=calibration,
-    )
-    from edgeship.runtime.package import collect_directory
-
-    files = collect_directory(result.path, "model/model.mlpackage")
-    return Emitted(
-        "coreml",
-        precision,
-        "model/model.mlpackage",
-        files,
-        tuple(result.inputs),
-        tuple(result.outputs),
-        result.weight_bytes,
-        "coremltools",
-        list(result.notes),
+def _wrong_source(target: str, fmt: str, kind: str) -> str:
+    """One line: the target's emitter does not convert this kind of source, and which targets do."""
+    names = {"torch": "PyTorch", "keras": "Keras and SavedModel", "onnx": "ONNX"}
+    known = emitters.all_emitters()
+    able = [known[f].label or f for f in target_profiles.FORMATS if f in known and kind in known[f].sources]
+    hint = "; pass the PyTorch model (.pt2) for this target" if "torch" in emitters.get(fmt).sources else ""
+    return (
+        f"target {target} needs a {fmt} artifact, which edgeship does not build from {names.get(kind, kind)} "
+        f"sources; {names.get(kind, kind)} sources compile to {' and '.join(able) or 'no'} targets only{hint}"
     )
 
 
@@ -506,8 +367,9 @@ def converter_output(path: Path) -> Iterator[None]:
 
 
 def _validation_backend(fmt: str) -> str:
-    # TensorRT Q/DQ graphs are checked in ONNX Runtime here; Core ML through the reference evaluator.
-    return {"tensorrt-onnx": "onnxruntime", "coreml": "coreml-reference"}.get(fmt, "auto")
+    # Each emitter names the backend its artifacts are checked on here (TensorRT Q/DQ graphs in
+    # ONNX Runtime, Core ML through the reference evaluator).
+    return emitters.get(fmt).validation_backend
 
 
 def _reference(source: SourceModel, data: datasets.Dataset, batch: int) -> dict[str, np.ndarray]:

@@ -334,7 +334,7 @@ def test_compile_command_unknown_target_is_one_line(tmp_path):
 
 def test_jetson_variants_are_qdq_onnx_with_a_build_spec_checked_in_onnx_runtime(source, digits, tmp_path):
     recipe = Recipe.from_dict(
-        {"variants": {"jetson-orin-nano": ["fp16", "int8-qdq"]}, "validation": {"latency_runs": 3}}
+        {"variants": {"jetson-orin-nano": ["fp16", "int8-qdq", "fp32"]}, "validation": {"latency_runs": 3}}
     )
     report = compile_model(
         source,
@@ -354,6 +354,11 @@ def test_jetson_variants_are_qdq_onnx_with_a_build_spec_checked_in_onnx_runtime(
         assert manifest.format == "tensorrt-onnx" and manifest.file("model/build_spec.json").size > 0
     int8 = next(v for v in report.variants if v.precision == "int8-qdq")
     assert int8.metrics.weight_bytes <= 0.30 * report.variants[0].metrics.weight_bytes
+    # fp32, offered by every Jetson profile, ships the same graph as fp16 with an fp32 build spec.
+    fp32 = next(v for v in report.variants if v.precision == "fp32")
+    with rt.open(fp32.package, trusted_keys=TRUSTED, backend="onnxruntime") as session:
+        spec = json.loads((session.root / "model/build_spec.json").read_text())
+    assert spec["precision"] == "fp32" and fp32.metrics.accuracy_drop_points == 0.0
 
 
 def test_core_ml_variants_are_checked_by_the_reference_evaluator(source, digits, tmp_path):
@@ -498,17 +503,17 @@ def test_min_cosine_keeps_the_most_sensitive_layers_in_float(source, digits, tmp
 
 
 def test_a_crashing_converter_fails_its_variant_and_keeps_its_output(source, tmp_path, monkeypatch):
-    import edgeship.compiler.pipeline as pipeline
+    from edgeship.compiler.emitters.onnx import OnnxEmitter
 
-    real_emit = pipeline._emit
+    real_emit = OnnxEmitter.emit
 
-    def crash_on_fp16(source, profile, precision, work, calib, recipe):
-        if precision == "fp16":
+    def crash_on_fp16(self, request):
+        if request.precision == "fp16":
             os.write(1, b"converter says: segment 7 has no lowering\n")  # as native converter code writes
             raise RuntimeError("internal converter failure")
-        return real_emit(source, profile, precision, work, calib, recipe)
+        return real_emit(self, request)
 
-    monkeypatch.setattr(pipeline, "_emit", crash_on_fp16)
+    monkeypatch.setattr(OnnxEmitter, "emit", crash_on_fp16)
     recipe = Recipe.from_dict({"variants": {"linux-x86_64": ["fp16", "fp32"]}, "validation": {"latency_runs": 2}})
     report = compile_model(source, ["linux-x86_64"], tmp_path / "d", KEY, recipe=recipe)
     failed, ok = report.variants

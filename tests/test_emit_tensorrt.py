@@ -24,6 +24,7 @@ from edgeship.runtime.backends.tensorrt_spec import (
     OptimizationProfile,
     ShapeRange,
     check_network_inputs,
+    precision_flags,
 )
 from edgeship.runtime.package.manifest import Manifest
 
@@ -204,6 +205,18 @@ def test_fp16_ships_the_fp32_graph_unchanged_with_an_fp16_spec(fp16: TensorRTRes
     assert fp16.qdq_pairs == 0 and fp16.weight_bytes == sum(
         onnx.numpy_helper.to_array(t).nbytes for t in initializers.values()
     )
+
+
+def test_fp32_ships_the_same_graph_with_an_fp32_spec_that_the_dla_refuses(
+    fp16: TensorRTResult, digits: DigitsOnnx, tmp_path: Path
+) -> None:
+    fp32 = emit_tensorrt(digits.path, tmp_path / "fp32", precision="fp32", calibration=[{"image": digits.x_train}])
+    assert fp32.onnx_path.read_bytes() == fp16.onnx_path.read_bytes()
+    spec = BuildSpec.from_json(fp32.build_spec_path.read_bytes())
+    assert spec.precision == "fp32" and precision_flags(spec.precision) == ()
+    assert "calibration data is not used for fp32" in fp32.notes
+    with pytest.raises(UsageError, match="DLA does not run fp32"):
+        emit_tensorrt(digits.path, tmp_path / "dla", precision="fp32", calibration=None, dla_core=0)
 
 
 def test_given_profiles_and_dla_settings_reach_the_build_spec(digits: DigitsOnnx, tmp_path: Path) -> None:

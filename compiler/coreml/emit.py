@@ -41,27 +41,17 @@ from edgeship.compiler.coreml.reference import (
     program_of,
     unsupported_ops,
 )
+from edgeship.compiler.data import Dataset
+from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import TensorSpec
+from edgeship.targets import TargetProfile
+from edgeship.targets.profile import COREML_MIN_SPEC, COREML_SPEC_VERSIONS
 
 PRECISIONS = ("fp32", "fp16", "int8-weight-only", "palettized-4bit", "w8a8", "int4-block")
 
-#: Deployment targets (``ct.target`` member names) -> Core ML specification version.
-MIN_OS_SPEC = {
-    "iOS15": 6,
-    "iOS16": 7,
-    "iOS17": 8,
-    "iOS18": 9,
-    "macOS12": 6,
-    "macOS13": 7,
-    "macOS14": 8,
-    "macOS15": 9,
-}
-
-#: Lowest specification version each precision needs (constexpr weight ops: 7; activation
-#: quantize/dequantize: 8; per-block int4: 9).
-_PRECISION_SPEC = {"fp32": 6, "fp16": 6, "int8-weight-only": 7, "palettized-4bit": 7, "w8a8": 8, "int4-block": 9}
-_SPEC_NAMES = {6: ("iOS15", "macOS12"), 7: ("iOS16", "macOS13"), 8: ("iOS17", "macOS14"), 9: ("iOS18", "macOS15")}
+# The OS minimums live in edgeship.targets (COREML_SPEC_VERSIONS: min_os -> specification version,
+# COREML_MIN_SPEC: precision -> lowest specification), the one table profiles are validated against.
 
 INT4_BLOCK_SIZE = 32
 _COMPRESSION_DESCRIPTIONS = {
@@ -101,18 +91,22 @@ class CoreMLResult:
 def check_request(precision: str, min_os: str) -> None:
     """Raise ``UsageError`` (one line) for an unknown precision or min_os, or a precision that
     ``min_os`` cannot run (int4-block before iOS18/macOS15, w8a8 before iOS17/macOS14,
-    compressed weights before iOS16/macOS13). Needs no coremltools."""
+    compressed weights before iOS16/macOS13). Reads the tables in ``edgeship.targets``; needs no
+    coremltools."""
     if precision not in PRECISIONS:
         raise UsageError(f"Core ML precisions are {', '.join(PRECISIONS)}; not {precision!r}")
-    spec = MIN_OS_SPEC.get(min_os)
+    spec = COREML_SPEC_VERSIONS.get(min_os)
     if spec is None:
-        raise UsageError(f"Core ML min_os must be one of {', '.join(MIN_OS_SPEC)}; not {min_os!r}")
-    needed = _PRECISION_SPEC[precision]
+        raise UsageError(f"Core ML min_os must be one of {', '.join(COREML_SPEC_VERSIONS)}; not {min_os!r}")
+    needed = COREML_MIN_SPEC[precision]
     if spec < needed:
-        ios, macos = _SPEC_NAMES[needed]
+        # Name the lowest OS of min_os's own family (macOS14 -> macOS15).
+        family = min_os.rstrip("0123456789_")
+        names = [name for name, s in COREML_SPEC_VERSIONS.items() if s == needed]
+        same = [name for name in names if name.rstrip("0123456789_") == family] or names
         raise UsageError(
-            f"Core ML precision {precision!r} needs {ios} or {macos} or later; min_os is {min_os} "
-            f"(raise min_os, or choose another precision)"
+            f"Core ML precision {precision!r} needs {' or '.join(same)} or later (specification {needed}); "
+            f"min_os is {min_os} (raise min_os, or choose another precision)"
         )
 
 
@@ -207,6 +201,65 @@ def emit_coreml(
         unchecked_ops=unchecked,
         notes=tuple(notes),
     )
+
+
+class CoreMLEmitter(Emitter):
+    """Core ML targets: ``emit_coreml`` on the source's PyTorch module, at the profile's ``min_os``.
+
+    Checked on Linux through the numpy reference evaluator (``coreml-reference``); latency and the
+    Neural Engine's own numerics need an Apple device.
+    """
+
+    format = "coreml"
+    label = "Core ML"
+    precisions = PRECISIONS
+    sources = frozenset({"torch"})
+    validation_backend = "coreml-reference"
+
+    def check(self, profile: TargetProfile, precision: str) -> None:
+        super().check(profile, precision)
+        try:
+            check_request(precision, profile.min_os or "")
+        except UsageError as exc:
+            raise UsageError(f"target {profile.name}: {exc}; it offers {', '.join(profile.precisions)}") from None
+
+    def emit(self, request: EmitRequest) -> Emitted:
+        import torch
+
+        from edgeship.compiler import coreml
+        from edgeship.runtime.package import collect_directory
+
+        source, work = request.source, request.workdir
+        if source.kind != "torch":
+            raise UsageError("Core ML artifacts are converted from PyTorch models")
+        work.mkdir(parents=True, exist_ok=True)
+        coreml.register()
+        examples = tuple(torch.from_numpy(np.ascontiguousarray(source.example[t.name])) for t in source.inputs)
+        result = emit_coreml(
+            source.module,
+            examples,
+            [t.name for t in source.inputs],
+            [t.name for t in source.outputs],
+            request.precision,
+            request.profile.min_os or "",
+            work / "model.mlpackage",
+            calibration=_samples(request.calibration),
+        )
+        return Emitted(
+            "coreml",
+            request.precision,
+            "model/model.mlpackage",
+            collect_directory(result.path, "model/model.mlpackage"),
+            tuple(result.inputs),
+            tuple(result.outputs),
+            result.weight_bytes,
+            "coremltools",
+            list(result.notes),
+        )
+
+
+def _samples(data: Dataset | None) -> list[dict[str, np.ndarray]] | None:
+    return None if data is None else list(data.batches(1))
 
 
 # ---------------------------------------------------------------------------- conversion

@@ -1,11 +1,34 @@
-"""What an emitter returns: the artifact files and what the manifest must say about them."""
+"""The emitter interface: what every target format's emitter takes and returns.
+
+An emitter turns the compiler's model into the artifact one target format runs. Each one
+is a subclass of ``Emitter`` registered by format (``edgeship.compiler.emitters.register``);
+the pipeline looks it up by the target profile's ``format`` and knows nothing else about it.
+
+* ``format``: the artifact format, one of ``edgeship.targets.FORMATS`` (the manifest's ``format``);
+  ``label``: how error messages name it ("TensorRT").
+* ``precisions``: the precisions its code builds; ``targets.PRECISIONS_BY_FORMAT[format]`` must
+  not offer one it cannot build (tests/compiler/emitters/test_registry.py checks that they agree).
+* ``sources``: the ``SourceModel.kind`` values it converts ("torch", "onnx", "keras").
+* ``check(profile, precision)``: refuses, before any conversion work, what this emitter cannot
+  build for that profile (``plan()`` calls it for every requested variant).
+* ``emit(request)``: writes the artifact into ``request.workdir`` and returns ``Emitted``.
+* ``validation_backend``: the runtime backend the host check runs the artifact on;
+  ``needs_hardware``: what that host check cannot say (listed in the compile report).
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from edgeship.compiler.data import Dataset
+from edgeship.compiler.recipe import Recipe
+from edgeship.compiler.source import SourceModel
+from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import TensorSpec
+from edgeship.targets import TargetProfile
 
 
 @dataclass
@@ -32,3 +55,61 @@ class Emitted:
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files.values())
+
+
+@dataclass(frozen=True)
+class EmitRequest:
+    """Everything an emitter gets for one variant.
+
+    ``source``: the model to convert (its ``kind`` is one of the emitter's ``sources``).
+    ``profile``: the target (format, runtime version, min_os, op-version caps).
+    ``precision``: one of the profile's precisions, already accepted by ``Emitter.check``.
+    ``workdir``: an empty-or-missing directory the emitter owns; the artifact files go there.
+    ``calibration``: representative inputs, or None (precisions that need them refuse without).
+    ``recipe``: the compile recipe (quantization rules, sensitivity search, TFLite I/O type).
+    """
+
+    source: SourceModel
+    profile: TargetProfile
+    precision: str
+    workdir: Path
+    calibration: Dataset | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+
+    @property
+    def batch(self) -> int:
+        """The batch the calibration data is fed in: 1 for a fixed batch dimension, else 32."""
+        shape = self.source.inputs[0].shape
+        return 1 if shape and shape[0] is not None else 32
+
+
+class Emitter(ABC):
+    """One target format's emitter. Subclasses set the class attributes and implement ``emit``.
+
+    Emitters are stateless; the registry holds one instance per format.
+    """
+
+    format: ClassVar[str]
+    label: ClassVar[str] = ""  # how people name the format ("Core ML"); the format string if empty
+    precisions: ClassVar[tuple[str, ...]]
+    sources: ClassVar[frozenset[str]] = frozenset({"torch"})
+    validation_backend: ClassVar[str] = "auto"
+    needs_hardware: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, profile: TargetProfile, precision: str) -> None:
+        """Raise ``UsageError`` (one line naming the target, the precision and what it offers) when
+        this emitter cannot build ``precision`` for ``profile``. Does no conversion work.
+
+        Subclasses extend it with what depends on the profile (a runtime version, an OS minimum).
+        """
+        if precision not in self.precisions:
+            offered = [p for p in profile.precisions if p in self.precisions]
+            raise UsageError(
+                f"target {profile.name} cannot run precision {precision!r}: the {self.label or self.format} emitter builds "
+                f"{', '.join(self.precisions)}; the target offers {', '.join(offered) or 'none of them'}"
+            )
+
+    @abstractmethod
+    def emit(self, request: EmitRequest) -> Emitted:
+        """Write the artifact into ``request.workdir``. Raises ``UsageError`` (an ``EdgeshipError``)
+        for what cannot be built; any other exception is a converter crash."""

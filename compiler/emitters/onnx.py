@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from edgeship.compiler.data import Dataset
-from edgeship.compiler.emitters.base import Emitted
+from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
+from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 
@@ -131,6 +132,48 @@ def emit(
         route,
         notes,
     )
+
+
+class OnnxEmitter(Emitter):
+    """ONNX Runtime targets: ``emit`` above, configured from the recipe (skip rules, sensitivity search,
+    ``reduce_range``). Takes PyTorch models and ONNX files."""
+
+    format = "onnx"
+    label = "ONNX"
+    precisions = PRECISIONS
+    sources = frozenset({"torch", "onnx"})
+
+    def emit(self, request: EmitRequest) -> Emitted:
+        recipe = request.recipe
+        nodes, types = exclusions(request.source, recipe, request.workdir)
+        return emit(
+            request.source,
+            request.precision,
+            request.workdir,
+            request.calibration,
+            exclude_nodes=nodes,
+            exclude_op_types=types,
+            min_cosine=recipe.quantize.min_cosine,
+            max_float_fraction=recipe.quantize.max_float_fraction,
+            fallback=recipe.quantize.fallback,
+            reduce_range=recipe.quantize.reduce_range,
+        )
+
+
+def exclusions(source: SourceModel, recipe: Recipe, work: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ONNX node names and op types the recipe's skip rules keep in float (a probe export names the nodes)."""
+    rules = recipe.quantize
+    if not rules.any:
+        return (), ()
+    import onnx
+
+    work.mkdir(parents=True, exist_ok=True)
+    probe = work / "probe.onnx"
+    export_fp32(source, probe)
+    graph = onnx.load(str(probe)).graph
+    nodes = tuple(n.name for n in graph.node if rules.skipped(n.op_type, n.name))
+    types = tuple(sorted(t for t, r in rules.types.items() if r.skip))
+    return nodes, types
 
 
 def _drop_value_info(path: Path) -> None:

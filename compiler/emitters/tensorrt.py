@@ -5,7 +5,9 @@ ONNX and the device's runtime builds (and caches) the engine. What this module w
 ``out_dir``:
 
 * ``model.onnx``: for ``fp16`` the float32 graph unchanged (TensorRT picks fp16 kernels
-  because of the FP16 builder flag); for ``int8-qdq`` the graph with explicit, symmetric
+  because of the FP16 builder flag); for ``fp32`` the same graph with an fp32 build spec (no
+  precision flag: the numerics reference on the device, and the way out when fp16 overflows
+  a model); for ``int8-qdq`` the graph with explicit, symmetric
   Q/DQ nodes (zero point 0 everywhere) made by ``onnxruntime.quantization`` from the
   caller's calibration data.
 * ``build_spec.json``: the runtime's ``BuildSpec`` (precision, minimum TensorRT version,
@@ -54,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeship.compiler.emitters.base import Emitted
+from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
 from edgeship.errors import ArtifactError, EdgeshipError, ModelLoadError, UsageError
 from edgeship.runtime.backends.tensorrt_spec import (
     BUILD_SPEC_NAME,
@@ -65,6 +67,7 @@ from edgeship.runtime.backends.tensorrt_spec import (
     version_at_least,
 )
 from edgeship.runtime.package.manifest import DTYPES, TensorSpec
+from edgeship.targets import TargetProfile
 
 if TYPE_CHECKING:
     import onnx
@@ -73,7 +76,9 @@ Array = np.ndarray[Any, Any]
 Feeds = Mapping[str, Any]
 
 MODEL_NAME = "model.onnx"
-PRECISIONS = ("fp16", "int8-qdq")
+PRECISIONS = ("fp16", "int8-qdq", "fp32")
+#: Our precision -> the runtime BuildSpec's precision (which sets the builder flags on the device).
+_SPEC_PRECISION = {"fp16": "fp16", "int8-qdq": "int8", "fp32": "fp32"}
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QDQ_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_BATCH_RANGE = (1, 1, 8)  # min, opt, max of the default profile for a dynamic batch
@@ -150,10 +155,10 @@ def emit_tensorrt(
     """Write ``model.onnx`` and ``build_spec.json`` for a TensorRT device into ``out_dir``.
 
     ``onnx_fp32`` is a float32 ONNX graph without Q/DQ nodes. ``precision`` is ``"fp16"``
-    (graph unchanged, BuildSpec precision fp16) or ``"int8-qdq"`` (explicit symmetric Q/DQ,
-    BuildSpec precision int8). ``calibration`` is an iterable of feed dicts, input name ->
+    (graph unchanged, BuildSpec precision fp16), ``"fp32"`` (graph unchanged, BuildSpec
+    precision fp32) or ``"int8-qdq"`` (explicit symmetric Q/DQ, BuildSpec precision int8). ``calibration`` is an iterable of feed dicts, input name ->
     array with the model's batch axis first (what ``Session.run`` takes); int8-qdq requires
-    it, fp16 ignores it. ``profiles`` are the optimization profiles; without them a graph
+    it, fp16 and fp32 ignore it. ``profiles`` are the optimization profiles; without them a graph
     whose only dynamic dimension is the batch gets batch 1..8 (opt 1). ``allow_gpu_fallback``
     only matters with ``dla_core``. ``calibration_method``: "minmax" (global min/max),
     "percentile" (99.999th) or "entropy".
@@ -183,7 +188,7 @@ def emit_tensorrt(
     outputs = _tensor_specs(model.graph, "output")
     chosen, profile_note = _profiles(inputs, profiles)
     spec = _build_spec(
-        "int8" if precision == "int8-qdq" else "fp16",
+        _SPEC_PRECISION[precision],
         min_tensorrt_version,
         workspace_mib,
         chosen,
@@ -211,13 +216,18 @@ def emit_tensorrt(
             "no implicit-calibration cache written: the scales live in the Q/DQ nodes"
         )
         model = quantized
-    else:
+    elif precision == "fp16":
         notes.append(
             "fp16: the graph stays fp32; TensorRT builds fp16 kernels from the FP16 builder flag and keeps "
             "fp32 where it has no fp16 kernel"
         )
-        if calibration is not None:
-            notes.append("calibration data is not used for fp16")
+    else:
+        notes.append(
+            "fp32: the graph stays fp32 and the engine is built without FP16 or INT8 flags "
+            "(TensorRT may still use TF32 tensor cores on Ampere unless the device clears that flag)"
+        )
+    if precision != "int8-qdq" and calibration is not None:
+        notes.append(f"calibration data is not used for {precision}")
     notes.append(profile_note)
     if dla_core is not None:
         notes.append(
@@ -248,6 +258,73 @@ def emit_tensorrt(
         qdq_pairs=qdq_pairs,
         int8_weights=int8_weights,
     )
+
+
+class TensorRTEmitter(Emitter):
+    """TensorRT (Jetson) targets: the source exported to fp32 ONNX, then ``emit_tensorrt``.
+
+    The package holds ``model/model.onnx`` (plus external data if any) and ``model/build_spec.json``;
+    the profile's ``runtime_version`` is the build spec's minimum TensorRT version. The host check runs
+    the graph in ONNX Runtime, which says little about an engine's numerics.
+    """
+
+    format = "tensorrt-onnx"
+    label = "TensorRT"
+    precisions = PRECISIONS
+    sources = frozenset({"torch", "onnx"})
+    validation_backend = "onnxruntime"
+    needs_hardware = (
+        "TensorRT engine build and numerics on the device; the Q/DQ graph's accuracy in ONNX Runtime "
+        "says little about an engine (awaiting hardware)",
+    )
+
+    def check(self, profile: TargetProfile, precision: str) -> None:
+        super().check(profile, precision)
+        if precision == "int8-qdq":
+            try:
+                ok = version_at_least(profile.runtime_version, _QDQ_FROM)
+            except ValueError:  # a runtime_version that is not a number cannot promise Q/DQ support
+                ok = False
+            if not ok:
+                raise UsageError(
+                    f"target {profile.name} cannot run precision 'int8-qdq': explicit Q/DQ needs TensorRT >= "
+                    f"{_QDQ_FROM}, the target has {profile.runtime_version}; it offers "
+                    f"{', '.join(p for p in profile.precisions if p != 'int8-qdq')}"
+                )
+
+    def emit(self, request: EmitRequest) -> Emitted:
+        from edgeship.compiler.emitters.onnx import export_fp32
+        from edgeship.compiler.emitters.onnx_io import weight_bytes
+
+        work, precision = request.workdir, request.precision
+        work.mkdir(parents=True, exist_ok=True)
+        fp32 = work / "model_fp32.onnx"
+        export_fp32(request.source, fp32)
+        calib = request.calibration
+        result = emit_tensorrt(
+            fp32,
+            work / "trt",
+            precision=precision,
+            calibration=None if calib is None else list(calib.batches(request.batch)),
+            min_tensorrt_version=request.profile.runtime_version,
+        )
+        files = {"model/model.onnx": result.onnx_path, "model/build_spec.json": result.build_spec_path}
+        data = result.onnx_path.with_name(result.onnx_path.name + ".data")
+        if data.is_file():
+            files[f"model/{data.name}"] = data
+        return Emitted(
+            "tensorrt-onnx",
+            precision,
+            "model/model.onnx",
+            files,
+            result.inputs,
+            result.outputs,
+            weight_bytes(result.onnx_path),
+            "torch.onnx + onnxruntime.quantization (symmetric Q/DQ)"
+            if precision == "int8-qdq"
+            else f"torch.onnx ({precision} built on the device)",
+            list(result.notes),
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgeship.compiler.data import Dataset
-from edgeship.compiler.emitters.base import Emitted
+from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import Quantization, TensorSpec
@@ -90,6 +90,35 @@ def emit(
         route,
         notes,
     )
+
+
+class TFLiteEmitter(Emitter):
+    """TFLite targets (LiteRT, tflite-runtime): ``emit`` above, configured from the profile and recipe.
+
+    The profile's ``max_op_versions`` refuses an artifact its runtime cannot load; the recipe's
+    ``tflite_static_io``, sensitivity search (``min_cosine``) and skip rules shape the quantization.
+    """
+
+    format = "tflite"
+    label = "TFLite"
+    precisions = PRECISIONS
+    sources = frozenset({"torch", "keras"})
+
+    def emit(self, request: EmitRequest) -> Emitted:
+        recipe, profile = request.recipe, request.profile
+        return emit(
+            request.source,
+            request.precision,
+            request.workdir,
+            request.calibration,
+            max_op_versions=profile.max_op_versions or None,
+            target=profile.name,
+            static_io=recipe.tflite_static_io,
+            min_cosine=recipe.quantize.min_cosine,
+            max_float_fraction=recipe.quantize.max_float_fraction,
+            fallback=recipe.quantize.fallback,
+            skipped=recipe.quantize.skipped if recipe.quantize.any else None,
+        )
 
 
 def _convert(source: SourceModel, path: Path, target: str) -> None:
