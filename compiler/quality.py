@@ -103,7 +103,10 @@ def check(recipe: Recipe, precision: str, metrics: Metrics, *, searched: bool = 
             unchecked.append("cosine (not measured here)")
         elif not cos >= limits.min_cosine:  # NaN fails
             worst = f" (output {metrics.worst_output!r})" if metrics.worst_output else ""
-            misses.append(f"held-out cosine {cos:.4f}{worst} is below {limits.min_cosine} ({limits.cosine_from})")
+            misses.append(
+                f"held-out cosine {_shown(cos, limits.min_cosine)}{worst} is below {limits.min_cosine} "
+                f"({limits.cosine_from})"
+            )
     if limits.max_accuracy_drop is not None:
         drop = metrics.accuracy_drop_points
         if drop is None:
@@ -114,6 +117,14 @@ def check(recipe: Recipe, precision: str, metrics: Metrics, *, searched: bool = 
         return Verdict(limits, True, None, unchecked)
     advice = _advice(precision, searched)
     return Verdict(limits, False, f"quality gate: {'; '.join(misses)}; {advice}", unchecked)
+
+
+def _shown(value: float, limit: float) -> str:
+    """``value`` with enough decimals to tell it from ``limit`` (0.99998 against 0.99999, not 1.0000)."""
+    for digits in range(4, 10):
+        if float(f"{value:.{digits}f}") < limit:
+            return f"{value:.{digits}f}"
+    return f"{value!r}"
 
 
 def _advice(precision: str, searched: bool) -> str:
