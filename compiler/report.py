@@ -115,7 +115,7 @@ def chart(rows: list[dict[str, Any]], use_accuracy: bool, winner: dict[str, str]
     ``winner`` (``{"target", "precision"}``) is the variant a search chose; without one, the
     smallest variant that passed the quality gate is starred.
     """
-    points = []
+    points: list[_Point] = []
     for r in rows:
         m = r["metrics"]
         y = m.get("accuracy") if use_accuracy else m.get("cosine_min")
