@@ -13,7 +13,9 @@ validation:
   held_out: 128             # samples kept out of calibration to validate on
   golden_cases: 8           # golden vectors written into each package
   latency_runs: 50          # host latency runs per artifact
-  max_accuracy_drop: null   # points; a variant that drops more fails the compile
+  max_accuracy_drop: null   # points; a variant that drops more gets no package (the quality gate)
+  min_cosine: null          # worst held-out sample's cosine to the fp32 source (worst output); a number,
+                            #   or per precision {int8-static: 0.98}; null: the default gate (below)
 tflite:
   static_io: int8           # int8-static artifacts take int8 (default) or float I/O
 quantize:                   # what stays in float: global -> per-op-type -> per-node-name, later wins
@@ -26,6 +28,13 @@ quantize:                   # what stays in float: global -> per-op-type -> per-
   types: {Gather: {skip: true}}
   names: {"/classifier/Gemm": {skip: true}}
 ```
+
+The quality gate: a variant whose held-out validation misses its budget gets no package and
+fails the compile. The budget is the recipe's (``validation.min_cosine``,
+``validation.max_accuracy_drop``, and ``quantize.min_cosine`` for the quantized variants the
+layer search built); without one, the default per precision of ``compiler/quality.py`` applies
+(fp32/fp16: cosine >= 0.999; quantized: cosine >= 0.99, or an accuracy drop <= 1 point when the
+evaluation data has labels). ``min_cosine: 0`` turns the cosine check off for that precision.
 
 Op types and node names are the artifact's own: ONNX op types and node names for onnx and
 tensorrt targets; TFLite op types (FULLY_CONNECTED) and op scopes or output tensor names for
@@ -81,8 +90,45 @@ class Recipe:
     golden_cases: int = 8
     latency_runs: int = 50
     max_accuracy_drop: float | None = None
+    #: The gate's cosine budget: one number for every precision, or per precision (others: the default).
+    min_cosine: float | dict[str, float] | None = None
     tflite_static_io: str = "int8"
     quantize: QuantizeRules = QuantizeRules()
+
+    def min_cosine_for(self, precision: str) -> float | None:
+        """The recipe's cosine budget for ``precision`` (``validation.min_cosine``), None when it sets none."""
+        if isinstance(self.min_cosine, dict):
+            return self.min_cosine.get(precision)
+        return self.min_cosine
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as the mapping ``from_dict`` reads (every field, defaults included), so
+        ``Recipe.from_dict(r.to_dict()) == r``. This is what a package's provenance records."""
+        q = self.quantize
+        return {
+            "name": self.name,
+            "version": self.version,
+            "label": self.label,
+            "variants": {k: list(v) for k, v in self.variants.items()},
+            "calibration": {"samples": self.calibration_samples},
+            "validation": {
+                "held_out": self.held_out,
+                "golden_cases": self.golden_cases,
+                "latency_runs": self.latency_runs,
+                "max_accuracy_drop": self.max_accuracy_drop,
+                "min_cosine": dict(self.min_cosine) if isinstance(self.min_cosine, dict) else self.min_cosine,
+            },
+            "tflite": {"static_io": self.tflite_static_io},
+            "quantize": {
+                "min_cosine": q.min_cosine,
+                "max_float_fraction": q.max_float_fraction,
+                "fallback": q.fallback,
+                "reduce_range": q.reduce_range,
+                "global": {"skip": q.global_rule.skip},
+                "types": {k: {"skip": v.skip} for k, v in q.types.items()},
+                "names": {k: {"skip": v.skip} for k, v in q.names.items()},
+            },
+        }
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -110,7 +156,7 @@ class Recipe:
         validation = _mapping(
             top.get("validation", {}),
             f"{where}: validation",
-            {"held_out", "golden_cases", "latency_runs", "max_accuracy_drop"},
+            {"held_out", "golden_cases", "latency_runs", "max_accuracy_drop", "min_cosine"},
         )
         quantize = _mapping(
             top.get("quantize", {}),
@@ -146,6 +192,7 @@ class Recipe:
             max_accuracy_drop=_float_or_none(
                 validation.get("max_accuracy_drop"), f"{where}: validation.max_accuracy_drop"
             ),
+            min_cosine=_cosine_budget(validation.get("min_cosine"), f"{where}: validation.min_cosine"),
             tflite_static_io=static_io,
             quantize=QuantizeRules(
                 _rule(quantize.get("global", {"skip": False}), f"{where}: quantize.global"),
@@ -163,6 +210,20 @@ class Recipe:
                 },
             ),
         )
+
+
+def _cosine_budget(value: Any, where: str) -> float | dict[str, float] | None:
+    """A cosine in 0..1, or a mapping precision -> cosine in 0..1, or None."""
+    if isinstance(value, dict):
+        return {str(k): _cosine(v, f"{where}.{k}") for k, v in value.items()}
+    return None if value is None else _cosine(value, where)
+
+
+def _cosine(value: Any, where: str) -> float:
+    number = _float_or_none(value, where)
+    if number is None or number > 1:
+        raise UsageError(f"{where} must be a cosine in 0..1 (or, for min_cosine, a mapping precision -> cosine)")
+    return number
 
 
 def _mapping(value: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Validation of an emitted artifact through the runtime's Session: the one way edgeship runs a model.
 
 Numerics against the fp32 source on held-out inputs (max abs error, cosine, top-1
-agreement), task accuracy when labels are given, size, and host latency where a runtime
+agreement), for every output; the headline figures are the worst output's. Task accuracy when labels are given, size, and host latency where a runtime
 exists here. Produces the golden vectors (the artifact's own host outputs, with
 tolerances a device must meet) and says which checks ran where.
 """
@@ -29,7 +29,13 @@ Array = np.ndarray[Any, Any]
 
 @dataclass
 class Metrics:
-    """Validation figures of one artifact (None where a check did not run)."""
+    """Validation figures of one artifact (None where a check did not run).
+
+    ``outputs``: per output name, ``max_abs_error``, ``cosine_min`` and ``cosine_mean`` against
+    the fp32 source. The headline ``max_abs_error``, ``cosine_min`` and ``cosine_mean`` are the
+    worst over the outputs (``worst_output`` names the one with the lowest ``cosine_min``);
+    top-1 agreement and accuracy come from the first output shaped (batch, classes).
+    """
 
     samples: int
     backend: str | None
@@ -46,6 +52,8 @@ class Metrics:
     latency_p90_ms: float | None = None
     checked_here: list[str] = field(default_factory=list)
     needs_hardware: list[str] = field(default_factory=list)
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    worst_output: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,19 +138,33 @@ def validate(
 
 
 def _numerics(metrics: Metrics, got: dict[str, Array], reference: dict[str, Array], data: Dataset) -> None:
-    name = next(iter(reference))
-    want = np.asarray(reference[name], np.float64)
-    have = got[name]
-    metrics.max_abs_error = float(np.abs(have - want).max())
-    flat_have, flat_want = have.reshape(len(have), -1), want.reshape(len(want), -1)
-    cosines = [cosine(a, b) for a, b in zip(flat_have, flat_want)]
-    metrics.cosine_min, metrics.cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
-    if have.ndim == 2 and have.shape[1] > 1:
-        metrics.top1_agreement = float((have.argmax(1) == want.argmax(1)).mean())
-        if data.labels is not None:
-            metrics.accuracy = float((have.argmax(1) == data.labels).mean())
-            metrics.accuracy_fp32 = float((want.argmax(1) == data.labels).mean())
-            metrics.accuracy_drop_points = 100.0 * (metrics.accuracy_fp32 - metrics.accuracy)
+    """Score every output against the reference; the headline figures are the worst output's."""
+    for name, ref in reference.items():
+        want = np.asarray(ref, np.float64)
+        have = got[name]
+        flat_have, flat_want = have.reshape(len(have), -1), want.reshape(len(want), -1)
+        cosines = [cosine(a, b) for a, b in zip(flat_have, flat_want)]
+        metrics.outputs[name] = {
+            "max_abs_error": float(np.abs(have - want).max()),
+            "cosine_min": float(np.min(cosines)),
+            "cosine_mean": float(np.mean(cosines)),
+        }
+        if metrics.top1_agreement is None and have.ndim == 2 and have.shape[1] > 1:
+            metrics.top1_agreement = float((have.argmax(1) == want.argmax(1)).mean())
+            if data.labels is not None:
+                metrics.accuracy = float((have.argmax(1) == data.labels).mean())
+                metrics.accuracy_fp32 = float((want.argmax(1) == data.labels).mean())
+                metrics.accuracy_drop_points = 100.0 * (metrics.accuracy_fp32 - metrics.accuracy)
+    per = metrics.outputs
+    # NaN sorts as the worst: a NaN cosine is a broken output.
+    metrics.worst_output = min(per, key=lambda k: _nan_low(per[k]["cosine_min"]))
+    metrics.cosine_min = per[metrics.worst_output]["cosine_min"]
+    metrics.cosine_mean = min((p["cosine_mean"] for p in per.values()), key=_nan_low)
+    metrics.max_abs_error = max((p["max_abs_error"] for p in per.values()), key=lambda v: -_nan_low(-v))
+
+
+def _nan_low(value: float) -> float:
+    return -np.inf if np.isnan(value) else value
 
 
 def _golden(session: Any, data: Dataset, batch: int, cases: int, got: dict[str, Array]) -> tuple[bytes, Golden]:

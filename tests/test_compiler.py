@@ -104,7 +104,7 @@ def test_report_json_and_html_list_every_variant(compiled):
     data = json.loads(report.report_json.read_text())
     assert len(data["variants"]) == 6 and data["tools"]["torch"].startswith("2.13")
     page = report.report_html.read_text()
-    assert "<svg" in page and page.count("<circle") == 6 and "int8-static" in page
+    assert "<svg" in page and page.count("<g class='point") == 6 and "int8-static" in page
 
 
 def test_packages_carry_a_drift_baseline_and_provenance(compiled):
@@ -482,7 +482,11 @@ def test_min_cosine_keeps_the_most_sensitive_layers_in_float(source, digits, tmp
         {
             "variants": {"linux-x86_64": ["int8-dynamic"], "android-arm64": ["int8-dynamic"]},
             "quantize": {"min_cosine": 0.99999, "max_float_fraction": 0.5},
-            "validation": {"latency_runs": 2},
+            # The search meets 0.99999 on its 64 calibration images; on the held-out images the
+            # worst one stays a little below it, which the quality gate refuses by default (that
+            # check has its own test in tests/compiler/test_pipeline.py). This test is about
+            # which layers the search sets apart, so the held-out budget is set explicitly.
+            "validation": {"latency_runs": 2, "min_cosine": {"int8-dynamic": 0.999}},
         }
     )
     report = compile_model(

@@ -49,7 +49,7 @@ import itertools
 import math
 import tempfile
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,6 +151,7 @@ def emit_tensorrt(
     sparsity_2_4: bool = False,
     allow_gpu_fallback: bool = True,
     calibration_method: str = "minmax",
+    exclude_nodes: Sequence[str] = (),
 ) -> TensorRTResult:
     """Write ``model.onnx`` and ``build_spec.json`` for a TensorRT device into ``out_dir``.
 
@@ -161,7 +162,8 @@ def emit_tensorrt(
     it, fp16 and fp32 ignore it. ``profiles`` are the optimization profiles; without them a graph
     whose only dynamic dimension is the batch gets batch 1..8 (opt 1). ``allow_gpu_fallback``
     only matters with ``dla_core``. ``calibration_method``: "minmax" (global min/max),
-    "percentile" (99.999th) or "entropy".
+    "percentile" (99.999th) or "entropy". ``exclude_nodes``: graph node names that stay float
+    (no Q/DQ on their inputs; the recipe's skip rules, see ``skipped_nodes``).
 
     Raises ``UsageError`` for a bad argument, a missing or unreadable graph, missing, empty
     or non-finite calibration data, or a graph ONNX Runtime cannot quantize;
@@ -206,7 +208,12 @@ def emit_tensorrt(
         int8_weight_storage = version_at_least(min_tensorrt_version, _INT8_WEIGHTS_FROM)
         with tempfile.TemporaryDirectory(prefix="edgeship-trt-") as tmp:
             quantized = _quantize(
-                Path(onnx_fp32), Path(tmp), feeds, calibration_method, int8_weight_storage, notes, model
+                Path(onnx_fp32), Path(tmp), feeds, calibration_method, int8_weight_storage, notes, model,
+                exclude_nodes,
+            )  # fmt: skip
+        if exclude_nodes:
+            notes.append(
+                f"kept in float by the recipe's skip rules ({len(exclude_nodes)} nodes): {list(exclude_nodes)}"
             )
         summary = check_qdq(quantized.graph, Path(onnx_fp32).name)
         qdq_pairs, int8_weights = summary.pairs, summary.int8_weights
@@ -260,6 +267,13 @@ def emit_tensorrt(
     )
 
 
+def skipped_nodes(onnx_fp32: Path, skipped: Callable[[str, str], bool]) -> tuple[str, ...]:
+    """Names of the graph's nodes that ``skipped(op_type, node_name)`` keeps float (the recipe's
+    ``QuantizeRules.skipped``), in graph order. Unnamed nodes cannot be excluded and are left out."""
+    graph = _load(Path(onnx_fp32)).graph
+    return tuple(n.name for n in graph.node if n.name and skipped(n.op_type, n.name))
+
+
 class TensorRTEmitter(Emitter):
     """TensorRT (Jetson) targets: the source exported to fp32 ONNX, then ``emit_tensorrt``.
 
@@ -307,6 +321,7 @@ class TensorRTEmitter(Emitter):
             precision=precision,
             calibration=None if calib is None else list(calib.batches(request.batch)),
             min_tensorrt_version=request.profile.runtime_version,
+            exclude_nodes=skipped_nodes(fp32, rules.skipped) if (rules := request.recipe.quantize).any else (),
         )
         files = {"model/model.onnx": result.onnx_path, "model/build_spec.json": result.build_spec_path}
         data = result.onnx_path.with_name(result.onnx_path.name + ".data")
@@ -527,6 +542,7 @@ def _quantize(
     int8_weight_storage: bool,
     notes: list[str],
     model: onnx.ModelProto,
+    exclude_nodes: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """Pre-process and quantize with explicit symmetric Q/DQ; returns the quantized graph."""
     import onnx
@@ -570,6 +586,7 @@ def _quantize(
             per_channel=True,
             calibrate_method=methods[method],
             op_types_to_quantize=list(QDQ_OP_TYPES),
+            nodes_to_exclude=list(exclude_nodes),
             use_external_data_format=large,
             extra_options={
                 "ActivationSymmetric": True,
