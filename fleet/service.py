@@ -135,10 +135,27 @@ class FleetService:
             webhook_counts=notifier.snapshot if notifier is not None else dict,
         )
 
-    def start(self) -> None:
+    def start(self, *, ingest: bool = True, control: bool = True) -> None:
+        """Start the parts of the fleet this process runs: ``ingest`` (MQTT in, database rows) and ``control``
+        (scheduler, commands out, TUF refresh, alerts, retention). ``fleet serve`` runs both (or only control
+        with ``--no-ingest``), ``fleet ingest`` only ingest, so telemetry can scale over processes apart."""
         settings = self.settings
         migrate(self.ctx.db)
         fleet = settings.fleet_id
+        if ingest:
+            for i in range(max(1, settings.ingest.workers)):
+                writer = Writer(self.ctx.db.engine, self.ctx.db.session, fleet, self.counters)
+                worker = Ingest(
+                    writer,
+                    self._ingest_client(f"{fleet}-ingest-{self.instance}-{i}"),
+                    group=settings.ingest.share_group,
+                    fleet=fleet,
+                )
+                worker.start()
+                self.ingest.append(worker)
+        if not control:
+            log.info("fleet %s ingest %s started (%d workers)", fleet, self.instance, len(self.ingest))
+            return
         self.commander = Commander(settings, f"{fleet}-cmd-{self.instance}")
         self.scheduler = Scheduler(
             self.ctx.db.session,
@@ -148,16 +165,6 @@ class FleetService:
             lease_s=settings.scheduler.lease_s,
             resend_after_s=settings.scheduler.resend_after_s,
         )
-        for i in range(max(1, settings.ingest.workers)):
-            writer = Writer(self.ctx.db.engine, self.ctx.db.session, fleet, self.counters)
-            ingest = Ingest(
-                writer,
-                self._ingest_client(f"{fleet}-ingest-{self.instance}-{i}"),
-                group=settings.ingest.share_group,
-                fleet=fleet,
-            )
-            ingest.start()
-            self.ingest.append(ingest)
         self._spawn(self._schedule, "edgeship-scheduler")
         self._spawn(self._refresh_tuf, "edgeship-tuf-refresh")
         self._spawn(self._watch_alerts, "edgeship-alerts")
@@ -250,7 +257,7 @@ class FleetService:
         self.ctx.close()
 
 
-def serve(settings: FleetSettings) -> None:
+def serve(settings: FleetSettings, *, ingest: bool = True) -> None:
     """Run the fleet in the foreground until SIGTERM/SIGINT (``edgeship fleet serve``)."""
     import uvicorn
 
@@ -258,7 +265,7 @@ def serve(settings: FleetSettings) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = FleetService(settings)
-    service.start()
+    service.start(ingest=ingest)
     app = create_app(service.ctx, stats=service.stats)
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning", lifespan="off")
@@ -266,5 +273,32 @@ def serve(settings: FleetSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run()
+    finally:
+        service.stop()
+
+
+def ingest_only(settings: FleetSettings, name: str, metrics_port: int | None = None) -> None:
+    """Run only the ingest workers in the foreground until SIGTERM/SIGINT (``edgeship fleet ingest``).
+
+    ``name`` is this process's stable instance name: its MQTT sessions are ``<fleet>-ingest-<name>-<i>``, so a
+    process restarted under the same name gets what the broker kept for it (``ingest.session_expiry``).
+    ``metrics_port``: serve ``/metrics`` on 127.0.0.1 (this process's ingest series, ``instance=name``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    service = FleetService(settings, instance=name)
+    service.start(control=False)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from edgeship.fleet.metrics import registry_for
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=registry_for(service.ctx, service.stats))
+    try:
+        while not stop.wait(60.0):
+            counts = service.counters.snapshot()
+            lag = max((i.lag_s for i in service.ingest), default=0.0)
+            log.info("ingest %s: %s; lag %.1f s", name, counts, lag)
     finally:
         service.stop()

@@ -218,7 +218,12 @@ def init(config: Path = ConfigOption) -> None:
 
 
 @app.command("serve")
-def serve(config: Path = ConfigOption) -> None:
+def serve(
+    config: Path = ConfigOption,
+    no_ingest: bool = typer.Option(
+        False, "--no-ingest", help="Leave telemetry and events to 'edgeship fleet ingest' processes."
+    ),
+) -> None:
     """Run the fleet manager in the foreground: the API, the TUF repository, MQTT ingest and the rollout
     scheduler. Any number of these may run against one PostgreSQL database."""
     from edgeship.fleet.settings import load_settings
@@ -226,7 +231,34 @@ def serve(config: Path = ConfigOption) -> None:
     settings = load_settings(config)
     # fleet.service wires the API, ingest and the scheduler; imported only here (it pulls uvicorn and MQTT).
     service = importlib.import_module("edgeship.fleet.service")
-    service.serve(settings)
+    service.serve(settings, ingest=not no_ingest)
+
+
+@app.command("ingest")
+def ingest(
+    config: Path = ConfigOption,
+    name: str = typer.Option(
+        None,
+        "--name",
+        metavar="NAME",
+        help="This process's stable name (its MQTT sessions; default <host>-ingest). Give each process its own.",
+    ),
+    metrics_port: int = typer.Option(
+        None, "--metrics-port", metavar="PORT", help="Serve this process's Prometheus /metrics on 127.0.0.1:PORT."
+    ),
+) -> None:
+    """Run only MQTT ingest (telemetry, events, status into the database) in the foreground, as a process of
+    its own: start several (each with its own --name) beside 'fleet serve --no-ingest' to spread the load
+    over cores or machines; they share the broker's shared subscription."""
+    import socket
+
+    from edgeship.device_agent.topics import check_id
+    from edgeship.fleet.settings import load_settings
+
+    settings = load_settings(config)
+    instance = check_id("--name", name or f"{socket.gethostname()}-ingest")
+    service = importlib.import_module("edgeship.fleet.service")
+    service.ingest_only(settings, instance, metrics_port)
 
 
 @maintenance_app.command("run")

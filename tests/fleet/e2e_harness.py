@@ -72,11 +72,13 @@ class FleetProcess:
     port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()
+    """More arguments of ``fleet serve`` (e.g. ``--no-ingest``)."""
 
     def start(self) -> FleetProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "edgeship", "fleet", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "edgeship", "fleet", "serve", "--config", str(self.config), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -130,6 +132,7 @@ class FleetRig:
         fleet_processes: int = 1,
         scheduler: dict[str, Any] | None = None,
         front: bool = False,
+        serve_args: tuple[str, ...] = (),
     ) -> None:
         self.root = root
         # With ``front``, devices reach the TUF repository through one address in front of every fleet
@@ -153,7 +156,7 @@ class FleetRig:
         init = run("fleet", "init", "--config", configs[0][0])
         self.admin_token = init.stdout.strip().splitlines()[-1].strip()
         for i, (config, port) in enumerate(configs):
-            self.processes.append(FleetProcess(config, port, root / f"fleet{i}.log").start())
+            self.processes.append(FleetProcess(config, port, root / f"fleet{i}.log", args=serve_args).start())
         self.agents: dict[str, AgentProcess] = {}
         self.agent_data: dict[str, Path] = {}
         for process in self.processes:
