@@ -131,6 +131,7 @@ def compile_model(
     recipe: Recipe | None = None,
     calibration: datasets.Dataset | None = None,
     evaluation: datasets.Dataset | None = None,
+    training: datasets.Dataset | None = None,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> CompileReport:
@@ -139,6 +140,10 @@ def compile_model(
     Raises ``UsageError`` for a request that cannot be built (before any work starts). A variant
     that fails while building (a converter error, an accuracy drop over the recipe's limit) is
     reported in its ``VariantResult.error`` and gets no package; the others still do.
+
+    When the recipe lists ``passes`` (prune, distill), they run first on a working copy of the
+    source, with ``training`` data (labels where a loss needs them); every variant is emitted from
+    the result and validated against the untouched fp32 source.
     """
     recipe = recipe or Recipe()
     say = progress or (lambda _msg: None)
@@ -171,6 +176,7 @@ def compile_model(
         {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(source, base_in, batch).items()}
     )
     tools = _tools()
+    working, pass_entries = _run_passes(source, recipe, calib, training, held_out, say)
     results: list[VariantResult] = []
     build_root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
     try:
@@ -180,7 +186,7 @@ def compile_model(
             work.mkdir(parents=True)
             try:
                 with converter_output(work / "convert.log"):
-                    emitted = _emit(source, profile, precision, work / "artifact", calib, recipe)
+                    emitted = _emit(working, profile, precision, work / "artifact", calib, recipe)
             except Exception as exc:
                 if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
                     log.debug("emitter crashed", exc_info=True)
@@ -246,6 +252,7 @@ def compile_model(
                     "route": emitted.route,
                     "metrics": metrics.to_json(),
                     "notes": notes,
+                    "passes": pass_entries,
                 },
                 indent=2,
                 default=str,
@@ -273,12 +280,40 @@ def compile_model(
         "tools": tools,
         "calibration_samples": 0 if calib is None else len(calib),
         "held_out_samples": len(held_out),
+        "passes": pass_entries,
         "variants": [r.to_json() for r in results],
     }
     json_path, html_path = out / f"{name}-v{recipe.version}-report.json", out / f"{name}-v{recipe.version}-report.html"
     reports.write_json(json_path, report)
     reports.write_html(html_path, report)
     return CompileReport(name, recipe.version, results, json_path, html_path)
+
+
+def _run_passes(
+    source: SourceModel,
+    recipe: Recipe,
+    calib: datasets.Dataset | None,
+    training: datasets.Dataset | None,
+    held_out: datasets.Dataset,
+    say: Progress,
+) -> tuple[SourceModel, list[dict[str, Any]]]:
+    """The model to emit (the source itself when the recipe lists no passes) and the passes' report entries."""
+    if not recipe.passes:
+        return source, []
+    from edgeship.compiler.passes import run_passes
+
+    if training is not None:
+        training = datasets.check_against(training, source.inputs, "training data")
+    working = run_passes(
+        source,
+        [(step.name, step.settings) for step in recipe.passes],
+        calibration=calib,
+        training=training,
+        evaluation=held_out,
+        seed=recipe.seed,
+        progress=say,
+    )
+    return working.as_source(), working.history
 
 
 def _emit(
@@ -539,7 +574,10 @@ def _tools() -> dict[str, str]:
 
 
 def _recipe_json(recipe: Recipe) -> dict[str, Any]:
+    from edgeship.compiler.recipe import passes_to_dict
+
     return {
+        **(passes_to_dict(recipe) if recipe.passes else {}),
         "variants": {k: list(v) for k, v in recipe.variants.items()},
         "calibration_samples": recipe.calibration_samples,
         "held_out": recipe.held_out,
