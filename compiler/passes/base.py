@@ -49,9 +49,15 @@ class WorkingModel:
                 "compile the nn.Module from Python (edgeship.compiler.from_module) to prune or distill it"
             )
         module = copy.deepcopy(source.module)
+        # A torch.export program's module calls aten ops on bare tensors: no Conv/Linear layers to shrink,
+        # and some versions refuse train mode.
+        layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+        exported = isinstance(module, torch.fx.GraphModule) and not any(isinstance(m, layers) for m in module.modules())
         try:
             module.train()
         except NotImplementedError:
+            exported = True
+        if exported:
             raise UsageError(
                 "this source is a torch.export program, which cannot be trained or have layers removed; "
                 "compile the eager nn.Module from Python (edgeship.compiler.from_module) to prune or distill it"

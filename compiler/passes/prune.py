@@ -287,8 +287,18 @@ def _check_outputs(model: WorkingModel, example: tuple[Any, ...], what: str) -> 
     """The pruned module must keep the source's output shapes (the package's contract)."""
     import torch
 
-    with torch.no_grad():
-        out = model.module.eval()(*example)
+    try:
+        with torch.no_grad():
+            out = model.module.eval()(*example)
+    except RuntimeError as exc:
+        # Seen with torch-pruning 1.6: a concat followed by a flatten into a Linear loses one branch's
+        # channels, so the Linear keeps too many inputs.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"{what}: the pruned model no longer runs ({first}); the dependency graph mis-tracked a coupling "
+            "(a concat followed by a flatten does this): keep the layers around it whole with ignore, or pool "
+            "before flattening"
+        ) from None
     outs = out if isinstance(out, (tuple, list)) else (out,)
     for spec, tensor in zip(model.source.outputs, outs):
         if tuple(tensor.shape[1:]) != tuple(spec.shape[1:]):
