@@ -19,7 +19,7 @@ def test_builtin_passes_are_registered_by_name():
 def test_unknown_pass_name_suggests_the_nearest():
     with pytest.raises(UsageError, match=r"unknown compiler pass 'prune.chanels' \(did you mean 'prune.channels'\?\)"):
         get("prune.chanels")
-    with pytest.raises(UsageError, match="did you mean 'distill.kd'"):
+    with pytest.raises(UsageError, match=r"did you mean 'distill.kd'"):
         Recipe.from_dict({"passes": ["distil.kd"]})
 
 
@@ -28,7 +28,7 @@ def test_pruning_ratio_outside_0_1_is_refused(bad):
     for name in ("channels", "magnitude"):
         with pytest.raises(UsageError, match=rf"prune.{name}.ratio must be a number strictly between 0 and 1"):
             Recipe.from_dict({"passes": [f"prune.{name}"], "prune": {name: {"ratio": bad}}})
-    with pytest.raises(UsageError, match="student_ratio must be a number strictly between 0 and 1"):
+    with pytest.raises(UsageError, match=r"student_ratio must be a number strictly between 0 and 1"):
         Recipe.from_dict({"passes": ["distill.kd"], "distill": {"kd": {"student_ratio": bad}}})
 
 
@@ -38,9 +38,9 @@ def test_unknown_pass_setting_names_the_key():
 
 
 def test_settings_for_a_pass_the_recipe_does_not_list_are_refused():
-    with pytest.raises(UsageError, match="settings for prune.magnitude but passes does not list it"):
+    with pytest.raises(UsageError, match=r"settings for prune.magnitude but passes does not list it"):
         Recipe.from_dict({"passes": ["prune.channels"], "prune": {"magnitude": {"ratio": 0.3}}})
-    with pytest.raises(UsageError, match="prune.chanels is not a compiler pass"):
+    with pytest.raises(UsageError, match=r"prune.chanels is not a compiler pass"):
         Recipe.from_dict({"prune": {"chanels": {}}})
 
 
@@ -80,5 +80,5 @@ def test_a_torch_export_program_is_refused_with_what_to_do(source):
 
     program = torch.export.export(source.module, (torch.from_numpy(source.example["image"]),))
     exported = from_module(program.module(), source.example["image"])
-    with pytest.raises(UsageError, match="cannot be trained or have layers removed; compile the eager nn.Module"):
+    with pytest.raises(UsageError, match=r"cannot be trained or have layers removed; compile the eager nn.Module"):
         WorkingModel.of(exported)

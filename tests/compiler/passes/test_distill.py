@@ -7,12 +7,13 @@ import pytest
 from edgeship.compiler import Dataset, Recipe
 from edgeship.compiler.passes import run_passes
 from edgeship.errors import UsageError
-
-from .conftest import build
+from tests.compiler.passes.conftest import build
 
 
 def kd(**settings):
-    return [("distill.kd", Recipe.from_dict({"passes": ["distill.kd"], "distill": {"kd": settings}}).passes[0].settings)]
+    return [
+        ("distill.kd", Recipe.from_dict({"passes": ["distill.kd"], "distill": {"kd": settings}}).passes[0].settings)
+    ]
 
 
 def test_student_derived_by_pruning_learns_from_the_teacher(source, train_set, eval_set):
@@ -52,17 +53,17 @@ def test_training_data_without_labels_when_the_loss_needs_them(source, train_set
         run_passes(source, kd(), training=unlabeled)
     working = run_passes(source, kd(alpha=0, epochs=1), training=unlabeled)  # soft targets only: no labels needed
     assert working.history[0]["training"]["epochs"] == 1
-    with pytest.raises(UsageError, match="distill.kd needs training data"):
+    with pytest.raises(UsageError, match=r"distill.kd needs training data"):
         run_passes(source, kd())
 
 
 def test_feature_pairs_must_differ_only_in_channels(source, train_set):
-    with pytest.raises(UsageError, match="features 'stem' .* and 'pool' .* differ in more than their channels"):
+    with pytest.raises(UsageError, match=r"features 'stem' .* and 'pool' .* differ in more than their channels"):
         run_passes(source, kd(features={"stem": "pool"}, epochs=1), training=train_set)
-    with pytest.raises(UsageError, match="no layer 'stm'"):
+    with pytest.raises(UsageError, match=r"no layer 'stm'"):
         run_passes(source, kd(features={"stm": "stem"}), training=train_set)
 
 
 def test_a_student_in_a_yaml_recipe_must_be_a_module():
-    with pytest.raises(UsageError, match="student must be a torch.nn.Module given through the Python API"):
+    with pytest.raises(UsageError, match=r"student must be a torch.nn.Module given through the Python API"):
         Recipe.from_dict({"passes": ["distill.kd"], "distill": {"kd": {"student": "resnet18"}}})
