@@ -49,7 +49,7 @@ def test_naming_the_output_layer_is_an_error_that_names_it(source):
 def test_naming_a_layer_without_channels_or_a_missing_one(source):
     with pytest.raises(UsageError, match=r"layer 'pool' is a MaxPool2d, which has no output channels to prune"):
         run_passes(source, steps(prune={"channels": {"layers": ["pool"]}}))
-    with pytest.raises(UsageError, match=r"the model has no layer 'stme' \\(did you mean 'stem'\\?\\)"):
+    with pytest.raises(UsageError, match=r"the model has no layer 'stme' \(did you mean 'stem'\?\)"):
         run_passes(source, steps(prune={"channels": {"layers": ["stme"]}}))
     with pytest.raises(UsageError, match=r"layer 'bn' is a BatchNorm2d, which has no weights this pass prunes"):
         run_passes(source, steps(prune={"magnitude": {"layers": ["bn"]}}))
