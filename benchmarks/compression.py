@@ -31,6 +31,7 @@ absolute times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -178,7 +179,7 @@ def pruning(size: Size, work: Path, teacher: Any, d: tuple[Array, ...], say: Cal
         "calibration": {"samples": 256},
         "validation": {"latency_runs": 3},
     }
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "calibration": Dataset({"image": x_train}),
         "evaluation": Dataset({"image": x_test}, labels=y_test),
         "progress": lambda m: say(f"  {m}"),
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     size = QUICK if args.quick else FULL
     if args.seconds is not None:
-        size = Size(*[getattr(size, f) for f in ("widths", "student", "epochs", "fine_tune_epochs", "kd_epochs", "seeds")], args.seconds)  # type: ignore[arg-type]  # fmt: skip
+        size = dataclasses.replace(size, seconds=args.seconds)
     started = time.perf_counter()
 
     def say(msg: str) -> None:
