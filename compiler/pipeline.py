@@ -132,6 +132,7 @@ def compile_model(
     recipe: Recipe | None = None,
     calibration: datasets.Dataset | None = None,
     evaluation: datasets.Dataset | None = None,
+    training: datasets.Dataset | None = None,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> CompileReport:
@@ -141,6 +142,10 @@ def compile_model(
     that fails while building (a converter error) or misses its quality budget on the held-out data
     (``compiler/quality.py``: the recipe's, else a default per precision) is reported in its
     ``VariantResult.error`` and gets no package; the others still do.
+
+    When the recipe lists ``passes`` (prune, distill), they run first on a working copy of the
+    source, with ``training`` data (labels where a loss needs them); every variant is emitted from
+    the result and validated against it in fp32 (the source stays the provenance hash).
     """
     recipe = recipe or Recipe()
     say = progress or (lambda _msg: None)
@@ -160,17 +165,22 @@ def compile_model(
     else:
         held_out = datasets.Dataset({k: v for k, v in source.example.items()}, source="example inputs")
     batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
+    # Passes (prune, distill) change the model: the variants are then held to the model the passes made
+    # (a conversion's fidelity); what the passes themselves cost is in their report entries.
+    working, pass_entries = _run_passes(source, recipe, calib, training, held_out, say)
     if held_out.reference:
         missing = [t.name for t in source.outputs if t.name not in held_out.reference]
         if missing:
             raise UsageError(f"evaluation data has reference outputs but not for {', '.join(missing)}")
         reference = {t.name: held_out.reference[t.name] for t in source.outputs}
     else:
-        say(f"reference outputs of the fp32 source on {len(held_out)} held-out samples")
-        reference = _reference(source, held_out, batch)
+        say(
+            f"reference outputs of the fp32 {'working model' if pass_entries else 'source'} on {len(held_out)} held-out samples"
+        )
+        reference = _reference(working, held_out, batch)
     base_in = calib if calib is not None else held_out
     baseline = compute_baseline(
-        {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(source, base_in, batch).items()}
+        {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(working, base_in, batch).items()}
     )
     tools = _tools()
     results: list[VariantResult] = []
@@ -183,7 +193,7 @@ def compile_model(
             try:
                 with converter_output(work / "convert.log"):
                     emitted = emitters.get(profile.format).emit(
-                        EmitRequest(source, profile, precision, work / "artifact", calib, recipe)
+                        EmitRequest(working, profile, precision, work / "artifact", calib, recipe)
                     )
             except Exception as exc:
                 if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
@@ -246,6 +256,7 @@ def compile_model(
                     "route": emitted.route,
                     "metrics": metrics.to_json(),
                     "notes": notes,
+                    "passes": pass_entries,
                 },
                 indent=2,
                 default=str,
@@ -273,6 +284,7 @@ def compile_model(
         "tools": tools,
         "calibration_samples": 0 if calib is None else len(calib),
         "held_out_samples": len(held_out),
+        "passes": pass_entries,
         "variants": [r.to_json() for r in results],
     }
     json_path, html_path = out / f"{name}-v{recipe.version}-report.json", out / f"{name}-v{recipe.version}-report.html"
@@ -291,6 +303,33 @@ def _wrong_source(target: str, fmt: str, kind: str) -> str:
         f"target {target} needs a {fmt} artifact, which edgeship does not build from {names.get(kind, kind)} "
         f"sources; {names.get(kind, kind)} sources compile to {' and '.join(able) or 'no'} targets only{hint}"
     )
+
+
+def _run_passes(
+    source: SourceModel,
+    recipe: Recipe,
+    calib: datasets.Dataset | None,
+    training: datasets.Dataset | None,
+    held_out: datasets.Dataset,
+    say: Progress,
+) -> tuple[SourceModel, list[dict[str, Any]]]:
+    """The model to emit (the source itself when the recipe lists no passes) and the passes' report entries."""
+    if not recipe.passes:
+        return source, []
+    from edgeship.compiler.passes import run_passes
+
+    if training is not None:
+        training = datasets.check_against(training, source.inputs, "training data")
+    working = run_passes(
+        source,
+        [(step.name, step.settings) for step in recipe.passes],
+        calibration=calib,
+        training=training,
+        evaluation=held_out,
+        seed=recipe.seed,
+        progress=say,
+    )
+    return working.as_source(), working.history
 
 
 def tflite_runtime_python() -> Path | None:

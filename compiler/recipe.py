@@ -27,6 +27,10 @@ quantize:                   # what stays in float: global -> per-op-type -> per-
   global: {skip: false}
   types: {Gather: {skip: true}}
   names: {"/classifier/Gemm": {skip: true}}
+passes: [prune.channels]    # compiler passes run in order on the model before any artifact is built
+seed: 0                     # seeds every training step of the passes (same seed, same weights)
+prune:                      # one settings section per pass: family -> kind (docs/passes.md lists the keys)
+  channels: {ratio: 0.5, epochs: 3}
 ```
 
 The quality gate: a variant whose held-out validation misses its budget gets no package and
@@ -80,6 +84,14 @@ class QuantizeRules:
 
 
 @dataclass(frozen=True)
+class PassStep:
+    """One compiler pass to run: its registered name and its validated settings (defaults filled in)."""
+
+    name: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str | None = None
     version: int = 1
@@ -94,6 +106,8 @@ class Recipe:
     min_cosine: float | dict[str, float] | None = None
     tflite_static_io: str = "int8"
     quantize: QuantizeRules = QuantizeRules()
+    passes: tuple[PassStep, ...] = ()
+    seed: int = 0
 
     def min_cosine_for(self, precision: str) -> float | None:
         """The recipe's cosine budget for ``precision`` (``validation.min_cosine``), None when it sets none."""
@@ -106,6 +120,7 @@ class Recipe:
         ``Recipe.from_dict(r.to_dict()) == r``. This is what a package's provenance records."""
         q = self.quantize
         return {
+            **passes_to_dict(self),
             "name": self.name,
             "version": self.version,
             "label": self.label,
@@ -145,8 +160,15 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
         """Validate and build; raises ``UsageError`` naming the first unknown key or bad value."""
+        from edgeship.compiler import passes
+
+        families = {n.split(".", 1)[0] for n in passes.names()}
         top = _mapping(
-            data, where, {"name", "version", "label", "variants", "calibration", "validation", "quantize", "tflite"}
+            data,
+            where,
+            {"name", "version", "label", "variants", "calibration", "validation", "quantize", "tflite"}
+            | {"passes", "seed"}
+            | families,
         )
         tflite = _mapping(top.get("tflite", {}), f"{where}: tflite", {"static_io"})
         static_io = tflite.get("static_io", "int8")
@@ -194,6 +216,8 @@ class Recipe:
             ),
             min_cosine=_cosine_budget(validation.get("min_cosine"), f"{where}: validation.min_cosine"),
             tflite_static_io=static_io,
+            passes=_passes(top, families, where),
+            seed=_int(top.get("seed", 0), f"{where}: seed", 0),
             quantize=QuantizeRules(
                 _rule(quantize.get("global", {"skip": False}), f"{where}: quantize.global"),
                 min_cosine,
@@ -224,6 +248,55 @@ def _cosine(value: Any, where: str) -> float:
     if number is None or number > 1:
         raise UsageError(f"{where} must be a cosine in 0..1 (or, for min_cosine, a mapping precision -> cosine)")
     return number
+
+
+def _passes(top: dict[str, Any], families: set[str], where: str) -> tuple[PassStep, ...]:
+    """The ``passes`` list, each with its settings section validated by the pass itself."""
+    from edgeship.compiler import passes
+
+    listed = top.get("passes", [])
+    if isinstance(listed, str):
+        listed = [listed]
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise UsageError(f"{where}: passes must be a list of pass names ({', '.join(passes.names())})")
+    steps = []
+    for name in listed:
+        try:
+            step = passes.get(name)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        family, kind = name.split(".", 1)
+        section = _mapping(top.get(family, {}) or {}, f"{where}: {family}", None)
+        steps.append(PassStep(name, step.configure(section.get(kind), f"{where}: {name}")))
+    for family in families:
+        section = _mapping(top.get(family, {}) or {}, f"{where}: {family}", None)
+        for kind in section:
+            name = f"{family}.{kind}"
+            if name not in listed:
+                known = [n for n in passes.names() if n.startswith(family + ".")]
+                if name not in known:
+                    import difflib
+
+                    guess = difflib.get_close_matches(name, known, n=1)
+                    hint = f"did you mean {guess[0]!r}?" if guess else f"known: {', '.join(known)}"
+                    raise UsageError(f"{where}: {family}.{kind} is not a compiler pass ({hint})")
+                raise UsageError(f"{where}: settings for {name} but passes does not list it; add it to passes")
+    return tuple(steps)
+
+
+def passes_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's passes in ``Recipe.from_dict`` form (``passes``, ``seed``, one section per family).
+
+    A student module given through the Python API is recorded by its class name only: it has no YAML form.
+    """
+    out: dict[str, Any] = {"passes": [s.name for s in recipe.passes], "seed": recipe.seed}
+    for step in recipe.passes:
+        family, kind = step.name.split(".", 1)
+        out.setdefault(family, {})[kind] = {
+            k: (v if v is None or isinstance(v, (str, int, float, bool, list, dict)) else f"<{type(v).__name__}>")
+            for k, v in step.settings.items()
+        }
+    return out
 
 
 def _mapping(value: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:

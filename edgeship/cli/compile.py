@@ -36,6 +36,9 @@ def compile(
     eval_data: Path | None = typer.Option(
         None, "--eval", metavar="DATA", help="Evaluation data (+ 'labels' array for accuracy)."
     ),
+    train_data: Path | None = typer.Option(
+        None, "--train", metavar="DATA", help="Training data for the recipe's passes (+ 'labels' array)."
+    ),
     name: str | None = typer.Option(
         None, "--name", metavar="NAME", help="Package name (default: recipe name, else the model file's stem)."
     ),
@@ -77,6 +80,7 @@ def compile(
             )
         calibration = load_data(calib, "calibration data") if calib else None
         evaluation = load_data(eval_data, "evaluation data") if eval_data else None
+        training = load_data(train_data, "training data") if train_data else None
         report = compile_model(
             source,
             target,
@@ -85,6 +89,7 @@ def compile(
             recipe=the_recipe,
             calibration=calibration,
             evaluation=evaluation,
+            training=training,
             name=name or the_recipe.name or model.stem,
             progress=lambda msg: status.update(msg),
         )
