@@ -61,6 +61,53 @@ def compile_version(model: Any, version: int, x_test: np.ndarray) -> None:
     )  # fmt: skip
 
 
+def prune_and_compile(model: Any, digits: Any) -> None:
+    """The recipe's ``passes`` through the Python API (they need the nn.Module): prune.channels at 50 % with
+    fine-tuning on the training set, then the usual compile; the quality gate holds every variant to the
+    pruned model, and the report says what the pass cost."""
+    import json
+
+    from edgeship.compiler import Recipe, compile_model
+    from edgeship.compiler.data import Dataset
+    from edgeship.compiler.source import from_module
+    from edgeship.runtime.package import load_private_key
+
+    recipe = Recipe.from_dict(
+        {
+            "name": "digits-wide-pruned",
+            "variants": {"linux-x86_64": ["fp32", "int8-dynamic"]},
+            "passes": ["prune.channels"],
+            "prune": {"channels": {"ratio": 0.5, "epochs": 3}},
+        }
+    )
+    source = from_module(model, digits.x_test[:1], input_names=["image"], output_names=["logits"])
+    t0 = time.perf_counter()
+    report = compile_model(
+        source,
+        ["linux-x86_64"],
+        OUT / "dist-pruned",
+        load_private_key(OUT / "keys/edgeship.key"),
+        recipe=recipe,
+        calibration=Dataset({"image": digits.x_train}),
+        evaluation=Dataset({"image": digits.x_test}, labels=digits.y_test),
+        training=Dataset({"image": digits.x_train}, labels=digits.y_train),
+    )
+    (entry,) = json.loads(report.report_json.read_text())["passes"]
+    print(
+        f"prune.channels: parameters {entry['before']['params']:,} -> {entry['after']['params']:,}, "
+        f"MACs {entry['before']['macs']:,} -> {entry['after']['macs']:,}; accuracy "
+        f"{entry['accuracy_before']:.3f} -> {entry['accuracy_after']:.3f} after fine-tuning "
+        f"({time.perf_counter() - t0:.0f} s with the compile)"
+    )
+    for v in report.variants:
+        m = v.metrics
+        state = f"package {v.package.name}" if v.package else f"refused: {v.error}"
+        print(
+            f"  {v.target} {v.precision:13} {m.size_bytes / 1024:6.0f} KiB  accuracy {m.accuracy:.3f}  "
+            f"p50 {m.latency_median_ms or 0:.3f} ms  gate: {v.gate}  -> {state}"
+        )
+
+
 def main() -> None:
     import torch
 
@@ -198,6 +245,9 @@ def main() -> None:
     wide = train(width=256, epochs=2, seed=2)
     print(f"{wide.parameters} parameters, PyTorch test accuracy {wide.accuracy:.3f}")
     compile_version(wide.model, 3, x_test)
+
+    step("7d. compress it: prune half of the wide network's channels (torch-pruning), fine-tune, compile")
+    prune_and_compile(wide.model, digits)
 
     from examples import demo_agent, demo_fleet
 
