@@ -65,6 +65,10 @@ def _every_field_set() -> Recipe:
                 "min_cosine": {"int8-dynamic": 0.98},
             },
             "tflite": {"static_io": "float"},
+            "passes": ["prune.channels", "distill.kd"],
+            "seed": 11,
+            "prune": {"channels": {"ratio": 0.25, "epochs": 2}},
+            "distill": {"kd": {"temperature": 3.0, "student_ratio": 0.5}},
             "quantize": {
                 "min_cosine": 0.995,
                 "max_float_fraction": 0.1,
