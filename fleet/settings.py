@@ -79,6 +79,7 @@ retention:
   hour: 365d           # per-hour roll-ups are kept this long
   interval: 5m         # how often a fleet process runs the maintenance job (one process at a time)
   batch: 5000          # raw rows per transaction (short transactions never hold ingest up for long)
+  vacuum: true         # PostgreSQL: plain VACUUM (ANALYZE) of what the job emptied (never VACUUM FULL: it locks)
 """
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
@@ -208,6 +209,7 @@ class RetentionSettings:
     hour: float = 365 * 86400.0
     interval: float = 300.0
     batch: int = 5000
+    vacuum: bool = True
 
 
 @dataclass(frozen=True)

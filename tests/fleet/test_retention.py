@@ -362,3 +362,31 @@ def test_the_service_runs_the_job(tmp_path: Path, publisher: Publisher, sqlite_u
             assert session.scalar(select(func.sum(TelemetryMinute.n))) == 30
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("vacuum", [True, False])
+def test_on_postgresql_the_job_vacuums_what_it_emptied(pg_url: str, vacuum: bool):
+    """Deleted rows free nothing until VACUUM: the job runs a plain VACUUM (ANALYZE) of the telemetry tables
+    (never FULL, which locks ingest out) unless ``retention.vacuum`` is off."""
+    import dataclasses
+
+    from sqlalchemy import text
+
+    database = Database(pg_url)
+    try:
+        migrate(database)
+        cutoff = NOW - SETTINGS.raw
+        _insert(database, _rows(random.Random(3), 2, cutoff - 600, 40, 20.0))
+        report = run_maintenance(database.session, dataclasses.replace(SETTINGS, vacuum=vacuum), NOW, owner="p1")
+        assert report.raw_deleted > 0
+        assert ("vacuum_s" in report.to_json()) is vacuum
+        with database.session(readonly=True) as session:
+            vacuumed = session.execute(
+                text(
+                    "SELECT relname, last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+                    "WHERE relname IN ('telemetry', 'telemetry_minute', 'telemetry_hour')"
+                )
+            ).all()
+        assert dict(vacuumed) == dict.fromkeys(("telemetry", "telemetry_minute", "telemetry_hour"), vacuum)
+    finally:
+        database.dispose()
