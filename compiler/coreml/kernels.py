@@ -323,6 +323,23 @@ def gather(x: Array, indices: Array, axis: int, batch_dims: int) -> Array:
     return np.stack(parts).reshape(*batch_shape, *parts[0].shape)
 
 
+def gather_nd(x: Array, indices: Array, batch_dims: int) -> Array:
+    """MIL ``gather_nd``: ``indices`` (K) hold coordinates into the dimensions of ``x`` (D) after its
+    ``batch_dims`` leading batch dimensions; output shape ``K[:-1] + D[batch_dims + K[-1]:]``.
+    Negative coordinates count from the end (as ``gather``)."""
+    idx = np.asarray(indices).astype(np.int64)
+    depth = idx.shape[-1]
+    batch_shape = x.shape[:batch_dims]
+    if idx.shape[:batch_dims] != batch_shape:
+        raise ValueError(f"gather_nd: indices batch dims {idx.shape[:batch_dims]} differ from x's {batch_shape}")
+    indexed = np.asarray(x.shape[batch_dims : batch_dims + depth], np.int64)
+    idx = np.where(idx < 0, idx + indexed, idx)
+    xb = x.reshape(-1, *x.shape[batch_dims:])
+    ib = idx.reshape(len(xb), -1, depth)
+    parts = [xb[b][tuple(ib[b][:, j] for j in range(depth))] for b in range(len(xb))]
+    return np.stack(parts).reshape(*idx.shape[:-1], *x.shape[batch_dims + depth :])
+
+
 def concat(values: Sequence[Array], axis: int, interleave: bool) -> Array:
     """MIL ``concat``; with ``interleave`` the inputs' slices along ``axis`` alternate."""
     if not interleave:

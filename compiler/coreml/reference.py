@@ -360,6 +360,11 @@ def _gather(op: Any, a: Args) -> Array:
     return kernels.gather(a["x"], a["indices"], int(_scalar(a.get("axis"), 0)), int(_scalar(a.get("batch_dims"), 0)))
 
 
+@_kernel("gather_nd")
+def _gather_nd(op: Any, a: Args) -> Array:
+    return kernels.gather_nd(a["x"], a["indices"], int(_scalar(a.get("batch_dims"), 0)))
+
+
 @_kernel("shape")
 def _shape(op: Any, a: Args) -> Array:
     return np.array(np.shape(a["x"]), dtype=np.int32)
