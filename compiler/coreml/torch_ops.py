@@ -6,10 +6,10 @@ Each function below is a coremltools torch-frontend converter, registered with
 converting transformers 5.23 models with random weights (BERT, DistilBERT, GPT-2, ViT,
 ConvNeXt; ``tests/compiler/test_transformers_models.py``) through ``torch.jit.trace``:
 
-* ``int`` / ``bool`` (``Tensor.__int__`` on a traced constant, e.g. BERT's
-  ``buffered_token_type_ids``' length): coremltools calls ``int(array)`` on a one-element
-  1-D array, which numpy 2 refuses ("only 0-dimensional arrays can be converted to Python
-  scalars"). Replaced by a cast that takes the array's single item.
+* ``int`` (``aten::Int`` of a traced size computation, e.g. BERT's
+  ``position_ids[:, past : seq_length + past]``): coremltools folds the size to a one-element
+  1-D array and calls ``int(array)``, which numpy 2 refuses ("only 0-dimensional arrays can be
+  converted to Python scalars"). Replaced by a cast that takes the array's single item.
 * ``new_ones`` (DistilBERT, and transformers' ``masking_utils`` in every model that builds an
   attention mask through it): not implemented in coremltools.
 * ``diff`` (GPT-2-style decoders: ``masking_utils.find_packed_sequence_indices`` diffs the
@@ -29,14 +29,13 @@ import numpy as np
 _installed = False
 
 #: The torch ops this module converts (or converts instead of coremltools).
-TRANSLATED_OPS = ("int", "bool", "new_ones", "diff")
+TRANSLATED_OPS = ("int", "new_ones", "diff")
 
 
 def install() -> None:
     """Register the translations with coremltools' torch frontend (idempotent).
 
-    ``int`` and ``bool`` replace coremltools' own converters (``override=True``); the others are
-    new. Raises ``CoreMLVersionError`` when coremltools is not the version this was written for.
+    ``int`` replaces coremltools' own converter (``override=True``); the others are new. Raises ``CoreMLVersionError`` when coremltools is not the version this was written for.
     """
     global _installed
     if _installed:
@@ -47,37 +46,27 @@ def install() -> None:
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
 
     register_torch_op(_int, torch_alias=["int"], override=True)
-    register_torch_op(_bool, torch_alias=["bool"], override=True)
     register_torch_op(new_ones, override=True)
     register_torch_op(diff, override=True)
     _installed = True
 
 
-def _cast_scalar(context: Any, node: Any, kind: type, dtype_name: str) -> None:
-    """``int(t)`` / ``bool(t)`` on a scalar or a one-element tensor: a constant when ``t`` is
-    known at conversion time (taking the single item, which numpy 2 requires), else a cast."""
+def _int(context: Any, node: Any) -> None:
+    """``int(t)`` on a scalar or a one-element tensor: a constant when ``t`` is known at conversion
+    time (taking the single item, which numpy 2 requires), else a cast to int32."""
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
     from coremltools.converters.mil.mil import Builder as mb
 
     x = _get_inputs(context, node, expected=1)[0]
     if not (len(x.shape) == 0 or all(d == 1 for d in x.shape)):
-        raise ValueError(f"node {node.name}: {dtype_name} cast of a tensor with shape {x.shape}, not one element")
+        raise ValueError(f"node {node.name}: int() of a tensor with shape {x.shape}, not one element")
     if x.can_be_folded_to_const():
-        value = np.asarray(x.val).reshape(-1)[0].item()
-        result = mb.const(val=kind(value), name=node.name)
+        result = mb.const(val=int(np.asarray(x.val).reshape(-1)[0]), name=node.name)
     else:
         if len(x.shape) > 0:
             x = mb.squeeze(x=x, name=node.name + "_item")
-        result = mb.cast(x=x, dtype=dtype_name, name=node.name)
+        result = mb.cast(x=x, dtype="int32", name=node.name)
     context.add(result, node.name)
-
-
-def _int(context: Any, node: Any) -> None:
-    _cast_scalar(context, node, int, "int32")
-
-
-def _bool(context: Any, node: Any) -> None:
-    _cast_scalar(context, node, bool, "bool")
 
 
 def new_ones(context: Any, node: Any) -> None:
@@ -121,7 +110,7 @@ def new_ones(context: Any, node: Any) -> None:
 
 def diff(context: Any, node: Any) -> None:
     """``torch.diff(x, n=1, dim=-1, prepend=None, append=None)``: ``x[1:] - x[:-1]`` along ``dim``,
-    ``n`` times, after concatenating ``prepend`` and ``append``. Booleans diff as not-equal, as
+    ``n`` times, after concatenating ``prepend`` and ``append``. Booleans diff as exclusive or, as
     torch does."""
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
     from coremltools.converters.mil.mil import Builder as mb
@@ -151,5 +140,5 @@ def diff(context: Any, node: Any) -> None:
         hi = mb.slice_by_index(x=x, begin=begin_hi, end=end_hi, begin_mask=[False] * rank, end_mask=end_mask_hi)
         lo = mb.slice_by_index(x=x, begin=begin_lo, end=end_lo, begin_mask=[True] * rank, end_mask=mask)
         name = node.name if i == n - 1 else f"{node.name}_{i}"
-        x = mb.not_equal(x=hi, y=lo, name=name) if types.is_bool(x.dtype) else mb.sub(x=hi, y=lo, name=name)
+        x = mb.logical_xor(x=hi, y=lo, name=name) if types.is_bool(x.dtype) else mb.sub(x=hi, y=lo, name=name)
     context.add(x, node.name)
