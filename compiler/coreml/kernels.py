@@ -323,9 +323,7 @@ def gather(x: Array, indices: Array, axis: int, batch_dims: int) -> Array:
     return np.stack(parts).reshape(*batch_shape, *parts[0].shape)
 
 
-def _bilinear_axis(
-    x: Array, axis: int, size: int, align_corners: bool, half_pixel_centers: bool
-) -> Array:
+def _bilinear_axis(x: Array, axis: int, size: int, align_corners: bool, half_pixel_centers: bool) -> Array:
     """Linear interpolation of ``x`` along ``axis`` to ``size`` samples (one axis of MIL ``upsample_bilinear``)."""
     n = x.shape[axis]
     i = np.arange(size, dtype=np.float64)

@@ -73,7 +73,14 @@ def _roberta() -> Any:
 
 def _gpt2() -> Any:
     config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, use_cache=False, bos_token_id=0, eos_token_id=0
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=64,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config)
 
@@ -97,13 +104,20 @@ def _llama() -> Any:
 def _vit() -> Any:
     return transformers.ViTModel(
         transformers.ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
         )
     )
 
 
 def _convnext() -> Any:
-    config = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10, image_size=32)
+    config = transformers.ConvNextConfig(
+        hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10, image_size=32
+    )
     return transformers.ConvNextForImageClassification(config)
 
 
@@ -173,7 +187,9 @@ def _compile(name: str, variants: dict[str, list[str]], out: Any) -> Any:
     data = INPUTS[kind](np.random.default_rng(0))
     examples = tuple(torch.from_numpy(v[:1]) for v in data.values())
     source = from_module(model, examples, input_names=list(data), output_names=["output"])
-    recipe = Recipe.from_dict({"name": name, "variants": variants, "validation": {"latency_runs": 1, "golden_cases": 2}})
+    recipe = Recipe.from_dict(
+        {"name": name, "variants": variants, "validation": {"latency_runs": 1, "golden_cases": 2}}
+    )
     return compile_model(
         source,
         list(variants),

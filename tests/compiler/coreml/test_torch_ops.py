@@ -65,7 +65,9 @@ def _run(
         compute_precision=ct.precision.FLOAT32,
     ).save(str(path))
     evaluator = ReferenceEvaluator(path)
-    feeds = {f"in{i}": x.numpy().astype(np.float32 if x.is_floating_point() else np.int32) for i, x in enumerate(inputs)}
+    feeds = {
+        f"in{i}": x.numpy().astype(np.float32 if x.is_floating_point() else np.int32) for i, x in enumerate(inputs)
+    }
     got = evaluator.run(feeds)
     assert set(uses) <= set(called), f"the traced graph never reached {set(uses) - set(called)}"
     return [(w.numpy(), got[f"out{i}"]) for i, w in enumerate(want)]
