@@ -322,6 +322,27 @@ CASES: list[tuple[str, Any, tuple[Any, ...], set[str], str]] = [
         {"slice_by_index", "pad", "tile", "reverse", "stack"},
         "iOS16",
     ),
+    (
+        "gather_nd",
+        Fn(lambda m, x: x[:, [0, 2, -1], [1, 3, 0]]),
+        (_randn(2, 4, 5, 3),),
+        {"gather_nd"},
+        "iOS17",
+    ),
+    (
+        "upsample_bilinear-size",
+        Fn(lambda m, x: F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=False)),
+        (_randn(1, 2, 4, 5),),
+        {"upsample_bilinear"},
+        "iOS17",
+    ),
+    (
+        "upsample_bilinear-align-corners",
+        Fn(lambda m, x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)),
+        (_randn(1, 2, 3, 4),),
+        {"upsample_bilinear"},
+        "iOS16",
+    ),
     ("vi-topk", Fn(lambda m, x: tuple(t.float() for t in torch.topk(x, 2, dim=1))), (_randn(3, 6),), {"topk"}, "iOS17"),
     (
         "vi-floor_div-mod",

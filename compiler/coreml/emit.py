@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeship.compiler.coreml import torch_ops
 from edgeship.compiler.coreml.reference import (
     ReferenceEvaluator,
     coremltools_module,
@@ -142,6 +143,7 @@ def emit_coreml(
             "calibration=[{input name: array}, ...] (a few dozen representative samples)"
         )
     ct = coremltools_module()
+    torch_ops.install()
     inputs = tuple(_input_spec(name, x) for name, x in zip(input_names, example_inputs))
     traced = _trace(module, example_inputs)
     base_precision = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16

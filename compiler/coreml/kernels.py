@@ -323,6 +323,53 @@ def gather(x: Array, indices: Array, axis: int, batch_dims: int) -> Array:
     return np.stack(parts).reshape(*batch_shape, *parts[0].shape)
 
 
+def _bilinear_axis(x: Array, axis: int, size: int, align_corners: bool, half_pixel_centers: bool) -> Array:
+    """Linear interpolation of ``x`` along ``axis`` to ``size`` samples (one axis of MIL ``upsample_bilinear``)."""
+    n = x.shape[axis]
+    i = np.arange(size, dtype=np.float64)
+    if align_corners:
+        src = i * ((n - 1) / (size - 1)) if size > 1 else np.zeros(size)
+    elif half_pixel_centers:
+        src = (i + 0.5) * (n / size) - 0.5
+    else:
+        src = i * (n / size)
+    src = np.clip(src, 0, n - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = (src - lo).reshape(shape)
+    return np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+
+
+def upsample_bilinear(
+    x: Array, out_height: int, out_width: int, align_corners: bool, half_pixel_centers: bool
+) -> Array:
+    """MIL ``upsample_bilinear`` on the last two axes of ``x``, to ``out_height`` x ``out_width``.
+    Grid points as the op reference defines them: ``i * (in - 1) / (out - 1)`` with ``align_corners``,
+    ``(i + 0.5) * in / out - 0.5`` with ``half_pixel_centers`` (the scale recomputed from the sizes,
+    as PyTorch's ``recompute_scale_factor=True``), else ``i * in / out``; clamped to the input."""
+    y = _bilinear_axis(x.astype(np.float32), x.ndim - 2, out_height, align_corners, half_pixel_centers)
+    return _bilinear_axis(y, x.ndim - 1, out_width, align_corners, half_pixel_centers).astype(np.float32)
+
+
+def gather_nd(x: Array, indices: Array, batch_dims: int) -> Array:
+    """MIL ``gather_nd``: ``indices`` (K) hold coordinates into the dimensions of ``x`` (D) after its
+    ``batch_dims`` leading batch dimensions; output shape ``K[:-1] + D[batch_dims + K[-1]:]``.
+    Negative coordinates count from the end (as ``gather``)."""
+    idx = np.asarray(indices).astype(np.int64)
+    depth = idx.shape[-1]
+    batch_shape = x.shape[:batch_dims]
+    if idx.shape[:batch_dims] != batch_shape:
+        raise ValueError(f"gather_nd: indices batch dims {idx.shape[:batch_dims]} differ from x's {batch_shape}")
+    indexed = np.asarray(x.shape[batch_dims : batch_dims + depth], np.int64)
+    idx = np.where(idx < 0, idx + indexed, idx)
+    xb = x.reshape(-1, *x.shape[batch_dims:])
+    ib = idx.reshape(len(xb), -1, depth)
+    parts = [xb[b][tuple(ib[b][:, j] for j in range(depth))] for b in range(len(xb))]
+    return np.stack(parts).reshape(*idx.shape[:-1], *x.shape[batch_dims + depth :])
+
+
 def concat(values: Sequence[Array], axis: int, interleave: bool) -> Array:
     """MIL ``concat``; with ``interleave`` the inputs' slices along ``axis`` alternate."""
     if not interleave:

@@ -360,6 +360,24 @@ def _gather(op: Any, a: Args) -> Array:
     return kernels.gather(a["x"], a["indices"], int(_scalar(a.get("axis"), 0)), int(_scalar(a.get("batch_dims"), 0)))
 
 
+@_kernel("gather_nd")
+def _gather_nd(op: Any, a: Args) -> Array:
+    return kernels.gather_nd(a["x"], a["indices"], int(_scalar(a.get("batch_dims"), 0)))
+
+
+@_kernel("upsample_bilinear")
+def _upsample_bilinear(op: Any, a: Args) -> Array:
+    x = a["x"]
+    out_h, out_w = op.outputs[0].shape[-2:]
+    if not isinstance(out_h, (int, np.integer)) or not isinstance(out_w, (int, np.integer)):
+        # coremltools' own type inference: floor(size * scale)
+        out_h = int(np.floor(x.shape[-2] * float(_scalar(a.get("scale_factor_height"), 1))))
+        out_w = int(np.floor(x.shape[-1] * float(_scalar(a.get("scale_factor_width"), 1))))
+    align = bool(_scalar(a.get("align_corners"), True))
+    half_pixel = bool(_scalar(a.get("half_pixel_centers"), not align))
+    return kernels.upsample_bilinear(x, int(out_h), int(out_w), align, half_pixel)
+
+
 @_kernel("shape")
 def _shape(op: Any, a: Args) -> Array:
     return np.array(np.shape(a["x"]), dtype=np.int32)
