@@ -225,18 +225,35 @@ def compile_model(
             )
             say(f"{profile.name}: validating {precision} through the runtime")
             root = stage(emitted, work / "stage")
-            with converter_output(work / "validate.log"):
-                metrics, golden, tolerance = validate(
-                    emitted,
-                    draft,
-                    root,
-                    source,
-                    held_out,
-                    reference,
-                    golden_cases=recipe.golden_cases,
-                    latency_runs=recipe.latency_runs,
-                    backend=_validation_backend(profile.format),
+            try:
+                with converter_output(work / "validate.log"):
+                    metrics, golden, tolerance = validate(
+                        emitted,
+                        draft,
+                        root,
+                        working,
+                        held_out,
+                        reference,
+                        golden_cases=recipe.golden_cases,
+                        latency_runs=recipe.latency_runs,
+                        backend=_validation_backend(profile.format),
+                    )
+            except EdgeshipError as exc:
+                # The runtime could not load or run this artifact (an ONNX Runtime graph optimizer refusing a
+                # Q/DQ graph, say): that variant fails with the reason; the others go on.
+                results.append(
+                    VariantResult(
+                        profile.name,
+                        precision,
+                        emitted.format,
+                        emitted.route,
+                        None,
+                        Metrics(0, None, size_bytes=emitted.size_bytes),
+                        list(emitted.notes),
+                        error=f"validation could not run the artifact: {exc}",
+                    )
                 )
+                continue
             notes = list(emitted.notes)
             metrics.needs_hardware.extend(emitters.get(profile.format).needs_hardware)
             result = VariantResult(profile.name, precision, emitted.format, emitted.route, None, metrics, notes)

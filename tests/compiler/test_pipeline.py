@@ -1,6 +1,7 @@
 """compile_model's own duties, through real compiles of small models: the provenance rebuilds the
 recipe, TensorRT honours skip rules, a searched budget must hold on held-out data, and a variant
-that misses its quality gate gets no package (and the command exits non-zero)."""
+that misses its quality gate gets no package (and the command exits non-zero); one variant's failure
+stays that variant's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeship.compiler import Dataset, Recipe, compile_model, from_module
+from edgeship.compiler import Dataset, Recipe, SourceModel, compile_model, emitters, from_module
+from edgeship.compiler.emitters import EmitRequest, Emitted
+from edgeship.compiler.emitters.onnx import OnnxEmitter
 from edgeship.runtime.package import TrustedKeys, generate_key, unpack_package, verify_package
 
 KEY = generate_key()
@@ -159,3 +162,33 @@ def test_the_compile_command_exits_non_zero_and_says_what_to_change(tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "dist/two-linux-x86_64-fp16-v1.edgepkg").is_file()
+
+
+@pytest.fixture(scope="module")
+def linear() -> SourceModel:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return from_module(torch.nn.Linear(8, 4).eval(), torch.randn(1, 8), input_names=["x"], output_names=["y"])
+
+
+def test_an_artifact_the_runtime_cannot_load_fails_its_variant_and_the_others_are_packaged(linear, tmp_path):
+    class Truncating(OnnxEmitter):
+        """The real ONNX emitter, whose model file then loses its second half (as a converter bug would)."""
+
+        def emit(self, request: EmitRequest) -> Emitted:
+            emitted = super().emit(request)
+            model = emitted.files[emitted.artifact]
+            model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+            return emitted
+
+    emitters.register(Truncating, replace=True)
+    try:
+        report = compile_model(linear, ["linux-x86_64", "android-arm64"], tmp_path, generate_key())
+    finally:
+        emitters.unregister("onnx")
+    by_target = {v.target: v for v in report.variants}
+    broken = by_target["linux-x86_64"]
+    assert broken.package is None and broken.error is not None
+    assert broken.error.startswith("validation could not run the artifact:"), broken.error
+    assert by_target["android-arm64"].error is None and by_target["android-arm64"].package is not None
+    assert report.report_json.is_file()  # the report names both
