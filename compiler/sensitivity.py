@@ -171,6 +171,8 @@ class OnnxQuantizer:
     does not quantize Gather, embedding tables (Gather on a constant) get int8 rows as well
     (``embeddings``, default on) unless ``exclude``/``exclude_op_types`` name them.
 
+    ``calibration_method`` (int8-qdq): ``"minmax"`` (default), ``"percentile"`` or ``"entropy"``.
+
     ``reduce_range`` (int8-dynamic): 7-bit weights, ORT's remedy for x86 CPUs without VNNI,
     whose u8 x s8 int8 kernels (AVX2 ``vpmaddubsw``) saturate pairs of products in int16: the
     same dynamic-int8 model can compute differently on an AVX2-only and a VNNI CPU. Off by
@@ -185,6 +187,7 @@ class OnnxQuantizer:
     reduce_range: bool = False
     fallback: str = "weight-only"
     embeddings: bool = True
+    calibration_method: str = "minmax"
     _caches: dict[Path, Path] = field(default_factory=dict, repr=False)
     _clean: dict[Path, Path] = field(default_factory=dict, repr=False)
     _gathers: dict[Path, list[str]] = field(default_factory=dict, repr=False)
@@ -269,7 +272,11 @@ class OnnxQuantizer:
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[self.calibration_method],
             op_types_to_quantize=list(self.op_types),
             nodes_to_exclude=excluded,
             extra_options={"ActivationSymmetric": True} if self.symmetric_activations else None,
