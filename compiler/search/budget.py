@@ -294,7 +294,7 @@ def _closeness(trial: Trial) -> tuple[float, ...]:
 def _figures(r: CandidateResult) -> str:
     parts = [f"{r.size_bytes / 1e6:.4g} MB"]
     if r.cosine is not None:
-        parts.append(f"cosine {r.cosine:.5f}")
+        parts.append(f"cosine {_shown(r.cosine, 1.0) if r.cosine < 1 else r.cosine}")
     if r.accuracy_drop is not None:
         parts.append(f"accuracy drop {r.accuracy_drop:.2f} points")
     if r.latency_ms is not None:
