@@ -304,7 +304,8 @@ def _figures(r: CandidateResult) -> str:
 
 def _shown(value: float, limit: float) -> str:
     """``value`` with enough decimals to tell it from ``limit`` (0.99948 against 0.9995)."""
-    for digits in range(4, 10):
+    decimals = len(f"{limit}".partition(".")[2])  # one digit past the limit's, so 0.99993 is not shown as 0.9999
+    for digits in range(max(4, decimals + 1), 12):
         if float(f"{value:.{digits}f}") < limit:
             return f"{value:.{digits}f}"
     return repr(value)
