@@ -236,3 +236,15 @@ def _trusted(tmp_path):
     from edgeship.runtime.package import load_public_key
 
     return TrustedKeys.of([load_public_key(tmp_path / "keys/edgeship.pub")])
+
+
+def test_an_accuracy_budget_without_labels_is_refused_before_any_work(source, images, tmp_path):
+    from edgeship.compiler.search.budget import Budget
+    from edgeship.errors import UsageError
+
+    with pytest.raises(UsageError, match="--max-accuracy-drop needs labels"):
+        compile_model(
+            source, ["android-arm64"], tmp_path, KEY,
+            calibration=Dataset({"image": images}), budget=Budget(max_accuracy_drop=0.5),
+        )  # fmt: skip
+    assert not list(tmp_path.iterdir())
