@@ -32,6 +32,7 @@ from edgeship.compiler import emitters, quality
 from edgeship.compiler import report as reports
 from edgeship.compiler.emitters import EmitRequest
 from edgeship.compiler.recipe import Recipe
+from edgeship.compiler.search import budget as search_budget
 from edgeship.compiler.source import SourceModel
 from edgeship.compiler.validate import Metrics, stage, validate
 from edgeship.errors import EdgeshipError, UsageError
@@ -77,6 +78,8 @@ class CompileReport:
     variants: list[VariantResult]
     report_json: Path
     report_html: Path
+    #: Per target searched for a budget: every candidate tried, the winner and why (``search_target``).
+    searches: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[VariantResult]:
@@ -109,16 +112,7 @@ def plan(
         if source.dynamic_batch and not profile.dynamic_batch:
             raise UsageError(f"target {name} does not run a dynamic batch dimension; compile with a static batch")
         for precision in recipe.variants.get(name, (profile.default_precision,)):
-            if precision == "int8-dynamic" and profile.has_quirk(DYNAMIC_INT8_QUIRK):
-                raise UsageError(
-                    f"target {name}: its runtime computes wrong results for dynamic-int8 fully-connected layers with "
-                    "per-channel weights (measured accuracy 0.108); use int8-weight-only or int8-static"
-                )
-            if precision not in profile.precisions:
-                raise UsageError(
-                    f"target {name} cannot run precision {precision!r}; it runs {', '.join(profile.precisions)}"
-                )
-            emitter.check(profile, precision)
+            plan_one(source, profile, precision)
             out.append((profile, precision))
     return out
 
@@ -135,6 +129,7 @@ def compile_model(
     training: datasets.Dataset | None = None,
     name: str | None = None,
     progress: Progress | None = None,
+    budget: search_budget.Budget | None = None,
 ) -> CompileReport:
     """Compile ``source`` for every target and precision, validate each artifact, write signed packages.
 
@@ -146,6 +141,10 @@ def compile_model(
     When the recipe lists ``passes`` (prune, distill), they run first on a working copy of the
     source, with ``training`` data (labels where a loss needs them); every variant is emitted from
     the result and validated against it in fp32 (the source stays the provenance hash).
+
+    With a ``budget`` (or, without one, for a target the recipe names no precision for when
+    ``calibration`` is given), the target's precision is searched instead: see ``search_target``.
+    Raises ``UsageError`` for ``budget.max_accuracy_drop`` without labelled held-out data.
     """
     recipe = recipe or Recipe()
     say = progress or (lambda _msg: None)
@@ -164,6 +163,10 @@ def compile_model(
         calib, held_out = datasets.split(calib, recipe.held_out)
     else:
         held_out = datasets.Dataset({k: v for k, v in source.example.items()}, source="example inputs")
+    if budget is not None and budget.max_accuracy_drop is not None and held_out.labels is None:
+        raise UsageError(
+            "--max-accuracy-drop needs labels: give --eval data with a 'labels' array, or use --min-cosine"
+        )
     batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
     # Passes (prune, distill) change the model: the variants are then held to the model the passes made
     # (a conversion's fidelity); what the passes themselves cost is in their report entries.
@@ -183,116 +186,33 @@ def compile_model(
         {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(working, base_in, batch).items()}
     )
     tools = _tools()
+    ctx = _Build(
+        source, out, name, held_out, reference, baseline, tools, signing_key, say, calib, working, pass_entries
+    )
+    searched = _searched_targets(targets, recipe, budget, calib)
     results: list[VariantResult] = []
-    build_root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
+    searches: dict[str, dict[str, Any]] = {}
+    ctx.root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
     try:
         for profile, precision in variants:
+            if profile.name in searched:
+                if profile.name not in searches:
+                    result, searches[profile.name] = search_target(ctx, profile, recipe, budget)
+                    results.append(result)
+                continue
             say(f"{profile.name}: {profile.format} {precision}")
-            work = build_root / f"{profile.name}-{precision}"
-            work.mkdir(parents=True)
-            try:
-                with converter_output(work / "convert.log"):
-                    emitted = emitters.get(profile.format).emit(
-                        EmitRequest(working, profile, precision, work / "artifact", calib, recipe)
-                    )
-            except Exception as exc:
-                if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
-                    log.debug("emitter crashed", exc_info=True)
-                    lines = str(exc).strip().splitlines()
-                    # Keep what the converter printed: the build directory is removed at the end.
-                    kept = out / f"{name}-{profile.name}-{precision}-v{recipe.version}.convert.log"
-                    shutil.copyfile(work / "convert.log", kept)
-                    exc = UsageError(
-                        f"the {profile.format} converter failed: {type(exc).__name__}: {lines[0] if lines else ''} "
-                        f"(converter output: {kept})"
-                    )
-                results.append(
-                    VariantResult(profile.name, precision, profile.format, "-", None, Metrics(0, None), error=str(exc))
-                )
-                continue
-            draft = Manifest(
-                name=name,
-                version=recipe.version,
-                label=recipe.label,
-                target=profile.name,
-                format=emitted.format,
-                precision=precision,
-                artifact_path=emitted.artifact,
-                inputs=emitted.inputs,
-                outputs=emitted.outputs,
-                files=(),
-                provenance=Provenance(tools=tools, recipe=_recipe_json(recipe), source_sha256=source.sha256),
-            )
-            say(f"{profile.name}: validating {precision} through the runtime")
-            root = stage(emitted, work / "stage")
-            try:
-                with converter_output(work / "validate.log"):
-                    metrics, golden, tolerance = validate(
-                        emitted,
-                        draft,
-                        root,
-                        working,
-                        held_out,
-                        reference,
-                        golden_cases=recipe.golden_cases,
-                        latency_runs=recipe.latency_runs,
-                        backend=_validation_backend(profile.format),
-                    )
-            except EdgeshipError as exc:
-                # The runtime could not load or run this artifact (an ONNX Runtime graph optimizer refusing a
-                # Q/DQ graph, say): that variant fails with the reason; the others go on.
-                results.append(
-                    VariantResult(
-                        profile.name,
-                        precision,
-                        emitted.format,
-                        emitted.route,
-                        None,
-                        Metrics(0, None, size_bytes=emitted.size_bytes),
-                        list(emitted.notes),
-                        error=f"validation could not run the artifact: {exc}",
-                    )
-                )
-                continue
-            notes = list(emitted.notes)
-            metrics.needs_hardware.extend(emitters.get(profile.format).needs_hardware)
-            result = VariantResult(profile.name, precision, emitted.format, emitted.route, None, metrics, notes)
-            verdict = quality.check(recipe, precision, metrics, searched="sensitivity" in emitted.route)
-            result.gate = verdict.budget.describe()
-            notes += [f"quality gate not checked here: {what}" for what in verdict.unchecked]
-            if not verdict.passed:
-                result.error = verdict.reason
-                results.append(result)
-                continue
-            contents: dict[str, Any] = dict(emitted.files)
-            contents["baseline/stats.json"] = json.dumps(baseline).encode()
-            contents["report/report.json"] = json.dumps(
-                {
-                    "target": profile.name,
-                    "precision": precision,
-                    "route": emitted.route,
-                    "metrics": metrics.to_json(),
-                    "notes": notes,
-                    "passes": pass_entries,
-                },
-                indent=2,
-                default=str,
-            ).encode()
-            final = dataclasses.replace(
-                draft, golden=tolerance, baseline_path="baseline/stats.json", report_path="report/report.json"
-            )
-            if golden is not None:
-                contents["golden/vectors.npz"] = golden
-            package = out / f"{name}-{profile.name}-{precision}-v{recipe.version}.edgepkg"
-            say(f"{profile.name}: writing {package.name}")
-            write_package(package, final, contents, [signing_key])
-            result.package = package
-            if profile.runtime == "tflite-runtime" and golden is not None:
-                say(f"{profile.name}: checking {package.name} with tflite-runtime")
-                _check_with_tflite_runtime(result, signing_key, build_root)
+            result, built = _build(ctx, profile, precision, recipe, f"{profile.name}-{precision}")
+            if built is not None:
+                verdict = quality.check(recipe, precision, result.metrics, searched="sensitivity" in result.route)
+                result.gate = verdict.budget.describe()
+                result.notes += [f"quality gate not checked here: {what}" for what in verdict.unchecked]
+                if verdict.passed:
+                    _package(ctx, result, built, recipe)
+                else:
+                    result.error = verdict.reason
             results.append(result)
     finally:
-        shutil.rmtree(build_root, ignore_errors=True)
+        shutil.rmtree(ctx.root, ignore_errors=True)
     report = {
         "name": name,
         "version": recipe.version,
@@ -304,10 +224,252 @@ def compile_model(
         "passes": pass_entries,
         "variants": [r.to_json() for r in results],
     }
+    if searches:
+        report["search"] = searches
+        winners = [(t, s["winner_precision"]) for t, s in searches.items() if s["winner_precision"]]
+        if len(winners) == 1 and len(searches) == len(results):
+            report["winner"] = {"target": winners[0][0], "precision": winners[0][1]}
     json_path, html_path = out / f"{name}-v{recipe.version}-report.json", out / f"{name}-v{recipe.version}-report.html"
     reports.write_json(json_path, report)
     reports.write_html(html_path, report)
-    return CompileReport(name, recipe.version, results, json_path, html_path)
+    return CompileReport(name, recipe.version, results, json_path, html_path, searches)
+
+
+@dataclass
+class _Build:
+    """What every variant build of one compile shares."""
+
+    source: SourceModel
+    out: Path
+    name: str
+    held_out: datasets.Dataset
+    reference: dict[str, np.ndarray]
+    baseline: dict[str, Any]
+    tools: dict[str, str]
+    key: Ed25519PrivateKey
+    say: Progress
+    calib: datasets.Dataset | None
+    working: SourceModel
+    """What the emitters convert: the source, or the model the recipe's passes made of it."""
+    passes: list[dict[str, Any]]
+    root: Path = Path()
+
+
+@dataclass
+class _Built:
+    """An emitted and validated artifact, not yet packaged."""
+
+    emitted: Any
+    draft: Manifest
+    golden: bytes | None
+    tolerance: Any
+
+
+def _build(
+    ctx: _Build, profile: target_profiles.TargetProfile, precision: str, recipe: Recipe, tag: str
+) -> tuple[VariantResult, _Built | None]:
+    """Emit and validate one artifact in ``ctx.root / tag``; no gate, no package. A converter that
+    fails makes a ``VariantResult`` with ``error`` set (and no ``_Built``)."""
+    work = ctx.root / tag
+    work.mkdir(parents=True)
+    try:
+        with converter_output(work / "convert.log"):
+            emitted = emitters.get(profile.format).emit(
+                EmitRequest(ctx.working, profile, precision, work / "artifact", ctx.calib, recipe)
+            )
+    except Exception as exc:
+        if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
+            log.debug("emitter crashed", exc_info=True)
+            lines = str(exc).strip().splitlines()
+            # Keep what the converter printed: the build directory is removed at the end.
+            kept = ctx.out / f"{ctx.name}-{tag}-v{recipe.version}.convert.log"
+            shutil.copyfile(work / "convert.log", kept)
+            exc = UsageError(
+                f"the {profile.format} converter failed: {type(exc).__name__}: {lines[0] if lines else ''} "
+                f"(converter output: {kept})"
+            )
+        return VariantResult(profile.name, precision, profile.format, "-", None, Metrics(0, None), error=str(exc)), None
+    draft = Manifest(
+        name=ctx.name,
+        version=recipe.version,
+        label=recipe.label,
+        target=profile.name,
+        format=emitted.format,
+        precision=precision,
+        artifact_path=emitted.artifact,
+        inputs=emitted.inputs,
+        outputs=emitted.outputs,
+        files=(),
+        provenance=Provenance(tools=ctx.tools, recipe=_recipe_json(recipe), source_sha256=ctx.source.sha256),
+    )
+    ctx.say(f"{profile.name}: validating {precision} through the runtime")
+    root = stage(emitted, work / "stage")
+    try:
+        with converter_output(work / "validate.log"):
+            metrics, golden, tolerance = validate(
+                emitted,
+                draft,
+                root,
+                ctx.working,
+                ctx.held_out,
+                ctx.reference,
+                golden_cases=recipe.golden_cases,
+                latency_runs=recipe.latency_runs,
+                backend=_validation_backend(profile.format),
+            )
+    except EdgeshipError as exc:
+        # The runtime could not load or run this artifact (an ONNX Runtime graph optimizer refusing a Q/DQ
+        # graph, say): that variant fails with the reason; the others go on.
+        failed = Metrics(0, None, size_bytes=emitted.size_bytes)
+        error = f"validation could not run the artifact: {exc}"
+        return VariantResult(profile.name, precision, emitted.format, emitted.route, None, failed, error=error), None
+    metrics.needs_hardware.extend(emitters.get(profile.format).needs_hardware)
+    result = VariantResult(profile.name, precision, emitted.format, emitted.route, None, metrics, list(emitted.notes))
+    return result, _Built(emitted, draft, golden, tolerance)
+
+
+def _package(ctx: _Build, result: VariantResult, built: _Built, recipe: Recipe) -> None:
+    """Write the signed package of a validated variant that passed its gate; sets ``result.package``."""
+    precision, target = result.precision, result.target
+    contents: dict[str, Any] = dict(built.emitted.files)
+    contents["baseline/stats.json"] = json.dumps(ctx.baseline).encode()
+    contents["report/report.json"] = json.dumps(
+        {
+            "target": target,
+            "precision": precision,
+            "route": result.route,
+            "metrics": result.metrics.to_json(),
+            "notes": result.notes,
+            "passes": ctx.passes,
+        },
+        indent=2,
+        default=str,
+    ).encode()
+    final = dataclasses.replace(
+        built.draft, golden=built.tolerance, baseline_path="baseline/stats.json", report_path="report/report.json"
+    )
+    if built.golden is not None:
+        contents["golden/vectors.npz"] = built.golden
+    package = ctx.out / f"{ctx.name}-{target}-{precision}-v{recipe.version}.edgepkg"
+    ctx.say(f"{target}: writing {package.name}")
+    write_package(package, final, contents, [ctx.key])
+    result.package = package
+    if target_profiles.get(target).runtime == "tflite-runtime" and built.golden is not None:
+        ctx.say(f"{target}: checking {package.name} with tflite-runtime")
+        _check_with_tflite_runtime(result, ctx.key, ctx.root)
+
+
+#: The cosine the layer search aims for in a mixed-precision candidate when the budget sets none
+#: (an accuracy budget): int8 layers set apart until the calibration data reaches it.
+MIXED_DEFAULT_COSINE = 0.995
+
+
+def _searched_targets(
+    targets: Sequence[str], recipe: Recipe, budget: search_budget.Budget | None, calib: datasets.Dataset | None
+) -> set[str]:
+    """Targets whose precision the budget search chooses: every target with a budget; without one,
+    those the recipe names no precision for, when calibration data is given (the default budget)."""
+    if budget is not None:
+        return set(targets)
+    if calib is None:
+        return set()
+    return {t for t in targets if t not in recipe.variants}
+
+
+def search_target(
+    ctx: _Build, profile: target_profiles.TargetProfile, recipe: Recipe, budget: search_budget.Budget | None
+) -> tuple[VariantResult, dict[str, Any]]:
+    """Choose the target's artifact with the budget search and package only the winner.
+
+    Candidates (``search_budget.candidates``): the precisions the recipe names for the target, else
+    every precision it offers that this request can build, smallest artifact first; then other
+    calibrations and mixed precision where the emitter has them; fp16 and fp32 last. Each is built
+    through the normal emit + validate path on the held-out data. A candidate's budget is the
+    user's (``budget``) merged with the quality gate's (``quality.budget``: the recipe's
+    ``validation`` keys, else the default per precision; stricter for float precisions when the
+    user sets no cosine). Returns the target's ``VariantResult`` (the winner, packaged, with the
+    search's reason in its notes; or, when nothing holds, the closest candidate's figures with
+    ``error`` naming it) and the search's JSON for the report.
+    """
+    user = budget or search_budget.Budget()
+    emitter = emitters.get(profile.format)
+    wanted = recipe.variants.get(profile.name, profile.precisions)
+    buildable = []
+    for precision in wanted:
+        try:
+            plan_one(ctx.source, profile, precision)
+        except UsageError:
+            continue
+        buildable.append(precision)
+    merged = dataclasses.replace(
+        recipe,
+        min_cosine=user.min_cosine if user.min_cosine is not None else recipe.min_cosine,
+        max_accuracy_drop=user.max_accuracy_drop if user.max_accuracy_drop is not None else recipe.max_accuracy_drop,
+    )
+    has_labels = ctx.held_out.labels is not None
+
+    def budget_of(candidate: search_budget.Candidate) -> search_budget.Budget:
+        gate = quality.budget(merged, candidate.precision, has_labels=has_labels, searched=False)
+        return search_budget.Budget(gate.min_cosine, gate.max_accuracy_drop, user.max_size_mb, user.max_latency_ms)
+
+    mixed = user.min_cosine if user.min_cosine is not None else recipe.quantize.min_cosine or MIXED_DEFAULT_COSINE
+    candidates = search_budget.candidates(
+        buildable or list(wanted),
+        calibration_methods=emitter.calibration_methods if ctx.calib is not None else {},
+        layer_search=emitter.layer_search,
+        mixed_cosine=mixed,
+    )
+    built: dict[str, tuple[VariantResult, _Built | None, Recipe]] = {}
+
+    def evaluate(candidate: search_budget.Candidate) -> search_budget.CandidateResult:
+        ctx.say(f"{profile.name}: budget search, candidate {candidate.name}")
+        variant_recipe = dataclasses.replace(
+            recipe,
+            variants={**recipe.variants, profile.name: (candidate.precision,)},
+            calibration_method=candidate.calibration or recipe.calibration_method,
+            quantize=dataclasses.replace(recipe.quantize, min_cosine=candidate.min_cosine),
+        )
+        tag = f"{profile.name}-search-{len(built)}-{candidate.precision}"
+        result, artifact = _build(ctx, profile, candidate.precision, variant_recipe, tag)
+        built[candidate.name] = (result, artifact, variant_recipe)
+        m = result.metrics
+        return search_budget.CandidateResult(
+            m.size_bytes, m.cosine_min, m.accuracy_drop_points, m.latency_median_ms, result.error
+        )
+
+    found = search_budget.search(candidates, evaluate, budget_of)
+    report = found.to_json()
+    for trial_json, trial in zip(report["trials"], found.trials):
+        trial_json["metrics"] = built[trial.candidate.name][0].metrics.to_json()
+    report["budget"] = user.describe() if budget is not None else "the default quality gate"
+    report["winner_precision"] = found.winner.candidate.precision if found.winner else None
+    chosen = found.winner or found.best
+    assert chosen is not None
+    result, artifact, variant_recipe = built[chosen.candidate.name]
+    result.gate = chosen.budget.describe()
+    result.notes = [f"budget search: {found.reason}", *result.notes]
+    if found.winner is None:
+        result.error = (
+            f"budget search: {found.reason}. No package written: relax the budget (--min-cosine, "
+            "--max-accuracy-drop, --max-size-mb, --max-latency-ms), or give more representative calibration data"
+        )
+    elif artifact is not None:
+        _package(ctx, result, artifact, variant_recipe)
+    return result, report
+
+
+def plan_one(source: SourceModel, profile: target_profiles.TargetProfile, precision: str) -> None:
+    """Raise ``UsageError`` when ``precision`` cannot be built for ``profile`` from ``source`` (``plan``'s rules)."""
+    if precision == "int8-dynamic" and profile.has_quirk(DYNAMIC_INT8_QUIRK):
+        raise UsageError(
+            f"target {profile.name}: its runtime computes wrong results for dynamic-int8 fully-connected layers with "
+            "per-channel weights (measured accuracy 0.108); use int8-weight-only or int8-static"
+        )
+    if precision not in profile.precisions:
+        raise UsageError(
+            f"target {profile.name} cannot run precision {precision!r}; it runs {', '.join(profile.precisions)}"
+        )
+    emitters.get(profile.format).check(profile, precision)
 
 
 def _wrong_source(target: str, fmt: str, kind: str) -> str:

@@ -9,6 +9,8 @@ variants:                   # per target, the precisions to emit (default: the t
   linux-x86_64: [fp32, int8-dynamic]
 calibration:
   samples: 256              # calibration samples used (taken from --calib)
+  method: minmax            # static int8 activation ranges: minmax, percentile or entropy (ONNX
+                            #   and TensorRT int8-qdq; TFLite and Core ML calibrate with minmax only)
 validation:
   held_out: 128             # samples kept out of calibration to validate on
   golden_cases: 8           # golden vectors written into each package
@@ -52,6 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import UsageError
+
+#: How static int8 calibration turns activation statistics into ranges (``calibration.method``).
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Recipe:
     label: str | None = None
     variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
     calibration_samples: int = 256
+    calibration_method: str = "minmax"
     held_out: int = 128
     golden_cases: int = 8
     latency_runs: int = 50
@@ -125,7 +131,7 @@ class Recipe:
             "version": self.version,
             "label": self.label,
             "variants": {k: list(v) for k, v in self.variants.items()},
-            "calibration": {"samples": self.calibration_samples},
+            "calibration": {"samples": self.calibration_samples, "method": self.calibration_method},
             "validation": {
                 "held_out": self.held_out,
                 "golden_cases": self.golden_cases,
@@ -174,7 +180,12 @@ class Recipe:
         static_io = tflite.get("static_io", "int8")
         if static_io not in ("int8", "float"):
             raise UsageError(f"{where}: tflite.static_io must be int8 or float, not {static_io!r}")
-        calibration = _mapping(top.get("calibration", {}), f"{where}: calibration", {"samples"})
+        calibration = _mapping(top.get("calibration", {}), f"{where}: calibration", {"samples", "method"})
+        method = calibration.get("method", "minmax")
+        if method not in CALIBRATION_METHODS:
+            raise UsageError(
+                f"{where}: calibration.method must be one of {', '.join(CALIBRATION_METHODS)}, not {method!r}"
+            )
         validation = _mapping(
             top.get("validation", {}),
             f"{where}: validation",
@@ -208,6 +219,7 @@ class Recipe:
             label=_opt(top, "label", str, where),
             variants=variants,
             calibration_samples=_int(calibration.get("samples", 256), f"{where}: calibration.samples", 1),
+            calibration_method=method,
             held_out=_int(validation.get("held_out", 128), f"{where}: validation.held_out", 1),
             golden_cases=_int(validation.get("golden_cases", 8), f"{where}: validation.golden_cases", 1),
             latency_runs=_int(validation.get("latency_runs", 50), f"{where}: validation.latency_runs", 1),

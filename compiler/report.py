@@ -30,6 +30,7 @@ def write_html(path: Path, report: dict[str, Any]) -> None:
         f"{report['calibration_samples']} calibration and {report['held_out_samples']} held-out samples.</p>",
         chart(rows, use_accuracy, report.get("winner")),
         _table(rows),
+        *(_search(target, found, use_accuracy) for target, found in report.get("search", {}).items()),
     ]
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>edgeship report</title><style>"
@@ -74,6 +75,45 @@ def _table(rows: list[dict[str, Any]]) -> str:
             + f"<td class=l>{html.escape(notes)}</td></tr>"
         )
     return "<table>" + "".join(out) + "</table>"
+
+
+def _search(target: str, found: dict[str, Any], use_accuracy: bool) -> str:
+    """One budget search: its reason, a chart of every candidate tried (the winner starred, misses
+    crossed out) and a table of their figures and verdicts, in the order they were tried."""
+    rows = [
+        {
+            "target": target,
+            "precision": t["name"],
+            "metrics": t.get("metrics") or {},
+            "error": None if t["held"] else t["verdict"],
+        }
+        for t in found["trials"]
+    ]
+    winner = {"target": target, "precision": found["winner"]} if found.get("winner") else None
+    head = (
+        "<tr><th>#</th><th>candidate</th><th>size KiB</th><th>cosine min</th><th>drop (points)</th>"
+        "<th>latency median ms</th><th>budget</th><th>verdict</th></tr>"
+    )
+    out = [head]
+    for i, t in enumerate(found["trials"], 1):
+        verdict = "winner" if t["name"] == found.get("winner") else t["verdict"]
+        out.append(
+            f"<tr><td>{i}</td><td class=l>{html.escape(t['name'])}</td><td>{t['size_bytes'] / 1024:.1f}</td>"
+            f"<td>{_fmt(t['cosine'], 5)}</td><td>{_fmt(t['accuracy_drop'], 2)}</td><td>{_fmt(t['latency_ms'], 3)}</td>"
+            f"<td class=l>{html.escape(t['budget'])}</td>"
+            f"<td class='l{'' if t['held'] else ' bad'}'>{html.escape(verdict)}</td></tr>"
+        )
+    untried = found.get("not_tried") or []
+    rest = f"<p>Not tried (a cheaper candidate held): {html.escape(', '.join(untried))}.</p>" if untried else ""
+    return (
+        f"<h2>Budget search for {html.escape(target)} ({html.escape(str(found.get('budget')))})</h2>"
+        f"<p class='search-reason'>{html.escape(found['reason'])}</p>"
+        + chart(rows, use_accuracy, winner)
+        + "<table class='search'>"
+        + "".join(out)
+        + "</table>"
+        + rest
+    )
 
 
 def _fmt(value: Any, digits: int) -> str:

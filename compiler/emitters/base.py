@@ -12,6 +12,10 @@ the pipeline looks it up by the target profile's ``format`` and knows nothing el
 * ``check(profile, precision)``: refuses, before any conversion work, what this emitter cannot
   build for that profile (``plan()`` calls it for every requested variant).
 * ``emit(request)``: writes the artifact into ``request.workdir`` and returns ``Emitted``.
+* ``calibration_methods``: per precision, the calibration methods (``recipe.calibration_method``)
+  besides ``minmax`` that change its artifact; ``layer_search``: the precisions for which it runs
+  the layer search to ``recipe.quantize.min_cosine``. The budget search builds its candidates
+  from these two (``compiler/search/budget.py``).
 * ``validation_backend``: the runtime backend the host check runs the artifact on;
   ``needs_hardware``: what that host check cannot say (listed in the compile report).
 """
@@ -19,6 +23,7 @@ the pipeline looks it up by the target profile's ``format`` and knows nothing el
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -93,6 +98,8 @@ class Emitter(ABC):
     label: ClassVar[str] = ""  # how people name the format ("Core ML"); the format string if empty
     precisions: ClassVar[tuple[str, ...]]
     sources: ClassVar[frozenset[str]] = frozenset({"torch"})
+    calibration_methods: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    layer_search: ClassVar[tuple[str, ...]] = ()
     validation_backend: ClassVar[str] = "auto"
     needs_hardware: ClassVar[tuple[str, ...]] = ()
 

@@ -52,7 +52,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -287,6 +287,9 @@ class TensorRTEmitter(Emitter):
     precisions = PRECISIONS
     sources = frozenset({"torch", "onnx"})
     validation_backend = "onnxruntime"
+    calibration_methods: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "int8-qdq": ("percentile",)
+    }  # entropy: byte-identical to minmax in ORT
     needs_hardware = (
         "TensorRT engine build and numerics on the device; the Q/DQ graph's accuracy in ONNX Runtime "
         "says little about an engine (awaiting hardware)",
@@ -321,6 +324,7 @@ class TensorRTEmitter(Emitter):
             precision=precision,
             calibration=None if calib is None else list(calib.batches(request.batch)),
             min_tensorrt_version=request.profile.runtime_version,
+            calibration_method=request.recipe.calibration_method,
             exclude_nodes=skipped_nodes(fp32, rules.skipped) if (rules := request.recipe.quantize).any else (),
         )
         files = {"model/model.onnx": result.onnx_path, "model/build_spec.json": result.build_spec_path}

@@ -103,9 +103,15 @@ class TFLiteEmitter(Emitter):
     label = "TFLite"
     precisions = PRECISIONS
     sources = frozenset({"torch", "keras"})
+    layer_search = ("int8-static", "int8-dynamic", "int8-weight-only")
 
     def emit(self, request: EmitRequest) -> Emitted:
         recipe, profile = request.recipe, request.profile
+        if recipe.calibration_method != "minmax" and request.precision == "int8-static":
+            raise UsageError(
+                f"TFLite int8-static calibrates with minmax only, not {recipe.calibration_method}; "
+                "remove calibration.method from the recipe or choose an onnx target"
+            )
         return emit(
             request.source,
             request.precision,

@@ -54,9 +54,25 @@ def compile(
     passphrase_file: Path | None = typer.Option(
         None, "--passphrase-file", metavar="FILE", help="Passphrase of an encrypted key."
     ),
+    min_cosine: float | None = typer.Option(
+        None, "--min-cosine", metavar="COS", help="Budget: worst held-out sample's cosine to the fp32 source."
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None, "--max-accuracy-drop", metavar="POINTS", help="Budget: accuracy points lost (needs --eval labels)."
+    ),
+    max_size_mb: float | None = typer.Option(None, "--max-size-mb", metavar="MB", help="Budget: artifact size."),
+    max_latency_ms: float | None = typer.Option(
+        None, "--max-latency-ms", metavar="MS", help="Budget: median host latency."
+    ),
 ) -> None:
-    """Compile MODEL for each --target; validate every artifact through the runtime; write signed packages."""
+    """Compile MODEL for each --target; validate every artifact through the runtime; write signed packages.
+
+    With a budget (--min-cosine, --max-accuracy-drop, --max-size-mb, --max-latency-ms), or with --calib
+    for a target the recipe names no precision for, each target's artifact is searched for: the
+    cheapest candidate that holds the budget on held-out data is packaged (docs/compiler.md,
+    "Accuracy budget")."""
     from edgeship.compiler import Recipe, compile_model, from_keras, from_onnx, from_pt2, load_data
+    from edgeship.compiler.search.budget import Budget
     from edgeship.runtime.package import load_private_key
 
     if not model.exists():
@@ -65,6 +81,7 @@ def compile(
     if passphrase_file is not None:
         passphrase = passphrase_file.read_text("utf-8").splitlines()[0].encode()
     signing_key = load_private_key(key, passphrase)
+    budget = Budget(min_cosine, max_accuracy_drop, max_size_mb, max_latency_ms)
     the_recipe = Recipe.from_yaml(recipe) if recipe else Recipe()
     with status_console.status("loading the model") as status:
         if model.suffix == ".onnx":
@@ -92,6 +109,7 @@ def compile(
             training=training,
             name=name or the_recipe.name or model.stem,
             progress=lambda msg: status.update(msg),
+            budget=None if budget.empty else budget,
         )
     table = Table(
         "target",
@@ -120,14 +138,37 @@ def compile(
             v.package.name if v.package else f"[red]failed: {v.error}[/]",
         )
     console.print(table)
+    for searched, found in report.searches.items():
+        _print_search(searched, found)
     for v in report.variants:
         if v.package is not None:
             console.print(f"wrote {v.package}")
     console.print(f"report: {report.report_html}")
     if report.failed:
+        missed = [v for v in report.failed if v.target in report.searches and v.error]
+        if len(missed) == 1 and len(report.failed) == 1:
+            raise UsageError(f"{missed[0].target}: {missed[0].error}")
         raise UsageError(
             f"{len(report.failed)} of {len(report.variants)} variants failed; see the table and the report"
         )
+
+
+def _print_search(target: str, found: dict[str, object]) -> None:
+    """The candidates one budget search tried, in order, with their figures and verdicts."""
+    table = Table(
+        "candidate", "size KiB", "cos min", "drop pts", "latency ms", "verdict",
+        title=f"{target}: budget search ({found['budget']})", title_justify="left",
+    )  # fmt: skip
+    trials = found["trials"]
+    assert isinstance(trials, list)
+    for t in trials:
+        verdict = "[green]winner[/]" if t["name"] == found["winner"] else t["verdict"]
+        table.add_row(
+            t["name"], f"{t['size_bytes'] / 1024:.1f}" if t["size_bytes"] else "-", _f(t["cosine"], 5),
+            _f(t["accuracy_drop"], 2), _f(t["latency_ms"], 3), verdict,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{target}: {found['reason']}")
 
 
 def _f(value: float | None, digits: int) -> str:

@@ -192,3 +192,92 @@ def test_an_artifact_the_runtime_cannot_load_fails_its_variant_and_the_others_ar
     assert broken.error.startswith("validation could not run the artifact:"), broken.error
     assert by_target["android-arm64"].error is None and by_target["android-arm64"].package is not None
     assert report.report_json.is_file()  # the report names both
+
+
+def _compile_cli(tmp_path, images, *budget):
+    """``edgeship compile`` of the small CNN for android-arm64 (TFLite) with a budget; the recipe
+    offers int8-dynamic and fp16, so the candidates are int8-dynamic, its mixed precision, fp16."""
+    import torch
+
+    program = torch.export.export(small_cnn(), (torch.from_numpy(images[:1]),))
+    torch.export.save(program, str(tmp_path / "cnn.pt2"))
+    np.savez(tmp_path / "calib.npz", image=images)
+    subprocess.run([sys.executable, "-m", "edgeship", "keys", "generate", "--out", tmp_path / "keys"], check=True)
+    (tmp_path / "recipe.yaml").write_text(
+        "variants:\n  android-arm64: [int8-dynamic, fp16]\nvalidation:\n  latency_runs: 2\n"
+    )
+    args = [
+        sys.executable, "-m", "edgeship", "compile", tmp_path / "cnn.pt2", "-t", "android-arm64",
+        "--recipe", tmp_path / "recipe.yaml", "--calib", tmp_path / "calib.npz", "--key", tmp_path / "keys/edgeship.key",
+        "--out", tmp_path / "dist", "--input-names", "image", "--output-names", "logits", *budget,
+    ]  # fmt: skip
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
+def test_a_cosine_budget_packages_the_cheapest_candidate_that_holds_it_and_reports_every_candidate(images, tmp_path):
+    import json
+
+    # int8 on this CNN reaches about 0.9999 (measured): 0.99999 is out of its reach, fp16's is 1 - 4e-8.
+    result = _compile_cli(tmp_path, images, "--min-cosine", "0.99999")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "dist/cnn-v1-report.json").read_text())
+    search = report["search"]["android-arm64"]
+    names = [t["name"] for t in search["trials"]]
+    assert names == ["int8-dynamic", "int8-dynamic mixed (layer search to cosine 0.99999)", "fp16"]
+    assert [t["held"] for t in search["trials"]] == [False, False, True]
+    for trial in search["trials"]:
+        assert trial["size_bytes"] > 0 and trial["latency_ms"] > 0 and trial["metrics"]["cosine_min"] == trial["cosine"]
+        assert (trial["cosine"] >= 0.99999) == trial["held"]
+    assert search["winner"] == "fp16" and "fp16 wins" in search["reason"] and "2 cheaper" in search["reason"]
+    assert report["winner"] == {"target": "android-arm64", "precision": "fp16"}
+    # Only the winner is packaged, and its provenance rebuilds it: fp16, no layer search.
+    (package,) = (tmp_path / "dist").glob("*.edgepkg")
+    manifest = verify_package(package, trusted_keys=_trusted(tmp_path)).manifest
+    assert manifest.precision == "fp16"
+    assert Recipe.from_dict(manifest.provenance.recipe).variants["android-arm64"] == ("fp16",)
+    page = (tmp_path / "dist/cnn-v1-report.html").read_text()
+    assert "Budget search for android-arm64" in page and page.count("class='point winner'") == 2
+    assert "fp16 wins" in result.stdout and "int8-dynamic mixed" in result.stdout
+
+
+def test_an_impossible_budget_exits_non_zero_names_the_closest_candidate_and_writes_no_package(images, tmp_path):
+    result = _compile_cli(tmp_path, images, "--min-cosine", "1.0", "--max-size-mb", "0.0001")
+    assert result.returncode != 0
+    message = result.stderr
+    assert "no candidate holds the budget (3 tried)" in message and "the closest is fp16" in message
+    assert "No package written" in message and "--max-size-mb" in message
+    assert not list((tmp_path / "dist").glob("*.edgepkg"))
+    assert "no candidate holds" in (tmp_path / "dist/cnn-v1-report.html").read_text()
+
+
+def test_calibration_data_without_a_named_precision_searches_under_the_default_budget(source, images, tmp_path):
+    recipe = Recipe.from_dict({"validation": {"latency_runs": 2}})
+    report = compile_model(
+        source, ["android-arm64"], tmp_path, KEY, recipe=recipe, calibration=Dataset({"image": images})
+    )
+    search = report.searches["android-arm64"]
+    (variant,) = report.variants
+    first = search["trials"][0]
+    # The smallest candidate first (static int8, the calibration data allows it), under the
+    # default gate for quantized precisions without labels.
+    assert first["name"] == "int8-static" and first["budget"] == "cosine >= 0.99"
+    assert variant.error is None and variant.precision == search["winner_precision"]
+    assert variant.package is not None and variant.package.name.endswith(f"-{variant.precision}-v1.edgepkg")
+
+
+def _trusted(tmp_path):
+    from edgeship.runtime.package import load_public_key
+
+    return TrustedKeys.of([load_public_key(tmp_path / "keys/edgeship.pub")])
+
+
+def test_an_accuracy_budget_without_labels_is_refused_before_any_work(source, images, tmp_path):
+    from edgeship.compiler.search.budget import Budget
+    from edgeship.errors import UsageError
+
+    with pytest.raises(UsageError, match="--max-accuracy-drop needs labels"):
+        compile_model(
+            source, ["android-arm64"], tmp_path, KEY,
+            calibration=Dataset({"image": images}), budget=Budget(max_accuracy_drop=0.5),
+        )  # fmt: skip
+    assert not list(tmp_path.iterdir())

@@ -24,6 +24,7 @@ recipes = st.builds(
     label=st.none() | names,
     variants=st.dictionaries(names, st.lists(st.sampled_from(PRECISIONS), min_size=1, max_size=3).map(tuple)),
     calibration_samples=st.integers(1, 10_000),
+    calibration_method=st.sampled_from(["minmax", "percentile", "entropy"]),
     held_out=st.integers(1, 10_000),
     golden_cases=st.integers(1, 64),
     latency_runs=st.integers(1, 500),
@@ -56,7 +57,7 @@ def _every_field_set() -> Recipe:
             "version": 7,
             "label": "nightly",
             "variants": {"linux-x86_64": ["fp32", "int8-dynamic"]},
-            "calibration": {"samples": 99},
+            "calibration": {"samples": 99, "method": "percentile"},
             "validation": {
                 "held_out": 33,
                 "golden_cases": 3,

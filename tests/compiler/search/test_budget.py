@@ -1,0 +1,159 @@
+"""The accuracy budget search (compiler/search/budget.py) with a fake evaluator: the winner holds
+the budget, nothing cheaper that held was passed over, nothing after the winner is built, and a
+budget nobody holds names the closest candidate instead of a winner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeship.compiler.search import budget as bs
+from edgeship.errors import UsageError
+
+PRECISIONS = ("fp32", "int8-dynamic", "int8-static", "fp16", "int8-weight-only")
+
+
+def _fake(figures):
+    """An evaluator returning ``figures[candidate.name]`` and recording the order it was asked in."""
+    asked = []
+
+    def evaluate(candidate):
+        asked.append(candidate.name)
+        return figures[candidate.name]
+
+    return evaluate, asked
+
+
+def test_candidates_go_smallest_first_then_calibrations_then_mixed_then_float():
+    found = bs.candidates(
+        PRECISIONS,
+        calibration_methods={"int8-static": ["percentile"]},
+        layer_search=["int8-static", "int8-dynamic"],
+        mixed_cosine=0.995,
+    )
+    assert [c.name for c in found] == [
+        "int8-static",
+        "int8-dynamic",
+        "int8-weight-only",
+        "int8-static (percentile calibration)",
+        "int8-static mixed (layer search to cosine 0.995)",
+        "int8-dynamic mixed (layer search to cosine 0.995)",
+        "fp16",
+        "fp32",
+    ]
+    # No cosine to search to: no mixed candidates.
+    assert [c.kind for c in bs.candidates(PRECISIONS, layer_search=["int8-static"])].count("mixed") == 0
+    with pytest.raises(UsageError, match="at least one precision"):
+        bs.candidates([])
+
+
+def test_the_first_candidate_that_holds_wins_and_nothing_after_it_is_built():
+    figures = {
+        "int8-static": bs.CandidateResult(30_000, cosine=0.97),
+        "int8-dynamic": bs.CandidateResult(31_000, cosine=0.996),
+        "fp16": bs.CandidateResult(60_000, cosine=0.99999),
+    }
+    evaluate, asked = _fake(figures)
+    found = bs.search([bs.Candidate(p) for p in figures], evaluate, bs.Budget(min_cosine=0.995))
+    assert found.winner is not None and found.winner.candidate.name == "int8-dynamic"
+    assert asked == ["int8-static", "int8-dynamic"]
+    assert [t.held for t in found.trials] == [False, True]
+    assert found.trials[0].misses == ("cosine 0.9700 < 0.995",)
+    assert "int8-dynamic wins" in found.reason and "1 cheaper candidate(s) missed it" in found.reason
+    assert [c.name for c in found.skipped] == ["fp16"]
+
+
+def test_an_impossible_budget_has_no_winner_and_names_the_closest_candidate():
+    figures = {
+        "int8-static": bs.CandidateResult(30_000, cosine=0.97),
+        "int8-dynamic": bs.CandidateResult(0, error="converter crashed"),
+        "fp32": bs.CandidateResult(120_000, cosine=1.0),
+    }
+    evaluate, asked = _fake(figures)
+    found = bs.search([bs.Candidate(p) for p in figures], evaluate, bs.Budget(min_cosine=0.99, max_size_mb=0.05))
+    assert found.winner is None and asked == list(figures)
+    # Both built ones miss one criterion; the quality shortfall breaks the tie: fp32 holds the cosine.
+    assert found.best is not None and found.best.candidate.name == "fp32"
+    assert "no candidate holds the budget (3 tried)" in found.reason and "size 0.12 MB > 0.05 MB" in found.reason
+    assert found.trials[1].misses == ("not built: converter crashed",)
+
+
+def test_unmeasured_figures_and_nan_never_hold():
+    limits = bs.Budget(min_cosine=0.9, max_accuracy_drop=1.0, max_latency_ms=5.0)
+    assert limits.misses(bs.CandidateResult(10, cosine=math.nan, accuracy_drop=0.0, latency_ms=1.0)) == [
+        "cosine nan < 0.9"
+    ]
+    assert limits.misses(bs.CandidateResult(10, cosine=None, accuracy_drop=None, latency_ms=None)) == [
+        "cosine not measured here",
+        "accuracy not measured (the held-out data has no labels)",
+        "latency not measured here",
+    ]
+
+
+def test_a_budget_per_candidate_is_applied_to_that_candidate():
+    figures = {"int8-static": bs.CandidateResult(10, cosine=0.995), "fp16": bs.CandidateResult(20, cosine=0.995)}
+    evaluate, _ = _fake(figures)
+
+    def per(candidate):
+        return bs.Budget(min_cosine=0.99 if candidate.precision == "fp16" else 0.999)
+
+    found = bs.search([bs.Candidate(p) for p in figures], evaluate, per)
+    assert found.winner is not None and found.winner.candidate.precision == "fp16"
+    assert [t.budget.min_cosine for t in found.trials] == [0.999, 0.99]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"min_cosine": 1.5}, {"min_cosine": -0.1}, {"max_size_mb": -1}, {"max_latency_ms": math.inf}]
+)
+def test_a_budget_out_of_range_is_refused(kwargs):
+    with pytest.raises(UsageError):
+        bs.Budget(**kwargs)
+
+
+def test_an_empty_candidate_list_is_refused():
+    with pytest.raises(UsageError, match="at least one candidate"):
+        bs.search([], lambda c: bs.CandidateResult(0), bs.Budget())
+
+
+_maybe = st.one_of(st.none(), st.floats(0, 1, allow_nan=False))
+_result = st.builds(
+    bs.CandidateResult,
+    size_bytes=st.integers(0, 10_000_000),
+    cosine=st.one_of(st.none(), st.just(math.nan), st.floats(-1, 1, allow_nan=False)),
+    accuracy_drop=st.one_of(st.none(), st.floats(-5, 100, allow_nan=False)),
+    latency_ms=st.one_of(st.none(), st.floats(0, 100, allow_nan=False)),
+    error=st.one_of(st.none(), st.just("crash")),
+)
+_budget = st.builds(
+    bs.Budget,
+    min_cosine=_maybe,
+    max_accuracy_drop=st.one_of(st.none(), st.floats(0, 5, allow_nan=False)),
+    max_size_mb=st.one_of(st.none(), st.floats(0, 10, allow_nan=False)),
+    max_latency_ms=st.one_of(st.none(), st.floats(0, 100, allow_nan=False)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(results=st.lists(_result, min_size=1, max_size=8), limits=_budget)
+def test_the_winner_always_holds_and_no_cheaper_candidate_held(results, limits):
+    cands = [bs.Candidate(f"p{i}") for i in range(len(results))]
+    by_name = dict(zip((c.name for c in cands), results))
+    evaluate, asked = _fake(by_name)
+    found = bs.search(cands, evaluate, limits)
+    held = [not limits.misses(r) for r in results]
+    if any(held):
+        first = held.index(True)
+        assert found.winner is not None and found.winner.candidate == cands[first]
+        assert not limits.misses(found.winner.result)
+        assert all(not t.held for t in found.trials[:-1])
+        assert asked == [c.name for c in cands[: first + 1]]  # nothing after the winner was built
+        assert found.best is found.winner and "wins" in found.reason
+    else:
+        assert found.winner is None and asked == [c.name for c in cands]
+        assert found.best is not None and found.best.candidate.name in found.reason
+        # Best: no other trial missed fewer criteria (a built one beats one that was not built).
+        key = bs._closeness(found.best)
+        assert all(key <= bs._closeness(t) for t in found.trials)
