@@ -249,6 +249,15 @@ def main() -> None:
     step("7d. compress it: prune half of the wide network's channels (torch-pruning), fine-tune, compile")
     prune_and_compile(wide.model, digits)
 
+    step("7e. state a budget instead of a recipe: the compiler searches, cheapest first, and packages the winner")
+    (OUT / "recipe-budget.yaml").write_text("name: digits-budget\nversion: 1\n")
+    cli(
+        "compile", OUT / "digits.pt2", "-t", "android-arm64", "-t", "linux-x86_64", "--recipe", OUT / "recipe-budget.yaml",
+        "--calib", OUT / "calib.npz", "--eval", OUT / "eval.npz", "--key", OUT / "keys/edgeship.key",
+        "--out", OUT / "dist-budget", "--input-names", "image", "--output-names", "logits",
+        "--max-accuracy-drop", "0.5", "--max-size-mb", "0.05",
+    )  # fmt: skip
+
     from examples import demo_agent, demo_fleet
 
     demo_agent.run(

@@ -110,8 +110,25 @@ def release_lease(session_factory: Callable[[], AbstractContextManager[Session]]
 
 
 def rollup_batch(session: Session, cutoff: float, batch: int) -> int:
-    """Roll up and delete at most ``batch`` raw telemetry rows with ``ts < cutoff``; returns how many."""
+    """Roll up and delete at most ``batch`` raw telemetry rows with ``ts < cutoff``; returns how many.
+
+    A batch is whole minutes (every device's rows of the oldest minutes still holding raw rows, as many
+    minutes as fit in ``batch`` rows), or, when one minute alone holds more, part of that minute in device
+    order: so each device's minute row is written once (twice where a batch boundary splits a device's
+    rows), not once per batch. Taken in ``ts`` order across all devices, a batch of 5,000 rows was 1 s of a
+    10,000-device fleet and every minute row was rewritten by about 30 batches; in PostgreSQL every
+    rewrite leaves a dead row version, and the roll-up tables of 1.6 million raw rows grew to 519 MiB for
+    100,000 live rows.
+    """
     advisory_lock(session, _LOCK)
+    oldest = session.scalar(select(func.min(Telemetry.ts)).where(Telemetry.ts < cutoff))
+    if oldest is None:
+        return 0
+    start = (oldest // 60.0) * 60.0
+    # The batch-th oldest row: the batch ends at the minute it falls in (whole minutes, at most ``batch`` rows).
+    nth = session.scalar(select(Telemetry.ts).where(Telemetry.ts < cutoff).order_by(Telemetry.ts).offset(batch - 1))
+    end = cutoff if nth is None else max((nth // 60.0) * 60.0, start + 60.0)
+    end = min(end, cutoff)
     columns = (
         Telemetry.id,
         Telemetry.device_id,
@@ -124,7 +141,12 @@ def rollup_batch(session: Session, cutoff: float, batch: int) -> int:
         Telemetry.rss_mib,
         Telemetry.temperature_c,
     )
-    rows = session.execute(select(*columns).where(Telemetry.ts < cutoff).order_by(Telemetry.ts).limit(batch)).all()
+    rows = session.execute(
+        select(*columns)
+        .where(Telemetry.ts >= start, Telemetry.ts < end)
+        .order_by(Telemetry.device_id, Telemetry.ts)
+        .limit(batch)
+    ).all()
     if not rows:
         return 0
     for model, length in ROLLUPS:
@@ -231,7 +253,9 @@ def run_maintenance(
                     break
                 setattr(report, attr, getattr(report, attr) + done)
         if settings.vacuum and (report.raw_deleted or report.minute_deleted or report.hour_deleted):
-            report.details["vacuum_s"] = _vacuum(session_factory)
+            took = _vacuum(session_factory)
+            if took is not None:
+                report.details["vacuum_s"] = took
     finally:
         release_lease(session_factory, owner)
     if report.raw_deleted or report.minute_deleted or report.hour_deleted:
