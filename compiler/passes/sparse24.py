@@ -72,7 +72,7 @@ def mask_2_4(weight: Any) -> Any:
 
 def is_2_4(weight: Any) -> bool:
     """True when every group of 4 input channels of ``weight`` holds at least 2 zeros."""
-    if weight.dim() < 2 or weight.shape[1] % GROUP:
+    if weight is None or weight.dim() < 2 or weight.shape[1] % GROUP:
         return False
     zeros = (_grouped(weight.detach()) == 0).sum(-1)
     return bool((zeros >= GROUP - KEEP).all())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,85 @@ def test_a_model_with_no_eligible_layer_is_refused(digits):
     src = from_module(model, x, input_names=["x"], output_names=["y"])
     with pytest.raises(UsageError, match=r"no Conv or Linear layer of the model can be 2:4 sparse \(1: 65 input"):
         run_passes(src, steps({}))
+
+
+def onnx_weights_2_4(path, layers) -> dict[str, bool]:
+    """For each layer, whether its weight initializer in the ONNX graph (float, or int8 behind a
+    DequantizeLinear) is still 2:4. The exporter keeps torch's layout (Gemm with transB=1)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    found = {}
+    for tensor in onnx.load(str(path)).graph.initializer:
+        layer, _, kind = tensor.name.rpartition(".")
+        if layer in layers and kind in ("weight", "weight_quantized"):
+            array = numpy_helper.to_array(tensor).astype(np.float32)
+            found[layer] = bool((groups_of_4(torch.from_numpy(array)) >= 2).all())
+    return found
+
+
+def test_tensorrt_package_of_a_2_4_model_asks_the_device_build_for_sparse_weights(
+    source, train_set, eval_set, tmp_path
+):
+    import json
+
+    from edgeship.compiler import compile_model
+    from edgeship.runtime.backends.tensorrt import _build_engine
+    from edgeship.runtime.backends.tensorrt_spec import BuildSpec
+    from edgeship.runtime.package import TrustedKeys, generate_key, unpack_package
+    from tests.runtime.backends.fake_tensorrt import BuilderFlag, FakeTensorRTModule
+
+    key = generate_key()
+    recipe = Recipe.from_dict(
+        {
+            "name": "sparse",
+            "variants": {"jetson-orin-nano": ["fp16"]},
+            "validation": {"latency_runs": 2},
+            "passes": ["prune.sparse24"],
+            "prune": {"sparse24": {"epochs": 4, "lr": 3e-3}},
+        }
+    )
+    report = compile_model(
+        source, ["jetson-orin-nano"], tmp_path / "out", key, recipe=recipe, training=train_set, evaluation=eval_set
+    )
+    (variant,) = report.variants
+    assert variant.error is None and variant.package is not None, variant.error
+    assert any(
+        "2:4 sparse weights (prune.sparse24) in 5 layer(s): head, hidden, left, res, right" in n for n in variant.notes
+    )
+    unpacked = tmp_path / "unpacked"
+    unpack_package(variant.package, unpacked, trusted_keys=TrustedKeys.of([key.public_key()]), durable=False)
+    spec = BuildSpec.from_json((unpacked / "model" / "build_spec.json").read_bytes())
+    assert spec.sparsity_2_4 and spec.precision == "fp16"
+    layers = json.loads(report.report_json.read_text())["passes"][0]["layers_2_4"]
+    assert onnx_weights_2_4(unpacked / "model" / "model.onnx", layers) == dict.fromkeys(layers, True)
+    # The device's build turns it into the builder flag (up to the TensorRT boundary: a recording fake).
+    trt = FakeTensorRTModule()
+    _build_engine(trt, type("L", (), {"errors": []})(), unpacked / "model" / "model.onnx", spec)  # type: ignore[arg-type]
+    assert trt.configs[0].flags == {BuilderFlag.FP16, BuilderFlag.SPARSE_WEIGHTS}
+
+
+def test_int8_qdq_weights_keep_the_2_4_zeros_and_a_pass_history_the_weights_contradict_sets_no_flag(
+    source, train_set, eval_set, tmp_path
+):
+    from edgeship.compiler import emitters
+    from edgeship.compiler.emitters import EmitRequest
+    from edgeship.targets import get as get_profile
+
+    profile = get_profile("jetson-orin-nano")
+    working = run_passes(source, steps({"epochs": 1}), training=train_set)
+    calib = train_set.take(64)
+    emitted = emitters.get("tensorrt-onnx").emit(
+        EmitRequest(working.as_source(), profile, "int8-qdq", tmp_path / "int8", calib, passes=tuple(working.history))
+    )
+    spec = json.loads(emitted.files["model/build_spec.json"].read_text())
+    assert spec["sparsity_2_4"] is True and spec["precision"] == "int8"
+    layers = working.history[0]["layers_2_4"]
+    assert onnx_weights_2_4(emitted.files["model/model.onnx"], layers) == dict.fromkeys(layers, True)
+    # A history naming 2:4 layers whose weights are dense (a later pass retrained them): no flag, a note.
+    dense = emitters.get("tensorrt-onnx").emit(
+        EmitRequest(source, profile, "fp16", tmp_path / "fp16", passes=({"layers_2_4": ["res"]},))
+    )
+    assert json.loads(dense.files["model/build_spec.json"].read_text())["sparsity_2_4"] is False
+    assert any("layers res lost the 2:4 pattern" in n for n in dense.notes)
