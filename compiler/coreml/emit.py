@@ -69,6 +69,7 @@ INT4_BLOCK_SIZE = 32
 SPARSE_MIN_ZEROS = 0.25
 #: The precisions whose weights can be stored sparse (the others are quantized: see the module doc).
 SPARSE_PRECISIONS = ("fp32", "fp16")
+_SPARSE_MIN_SPEC = 7  # constexpr_sparse_to_dense arrived with specification 7 (iOS16 / macOS13)
 _COMPRESSION_DESCRIPTIONS = {
     "int8-weight-only": "int8 (linear symmetric, per channel)",
     "w8a8": "int8 (linear symmetric, per channel)",
@@ -364,7 +365,7 @@ def _sparse_weights(mlmodel: Any, precision: str, min_os: str) -> tuple[Any, str
             f"the pruned weights' zeros are stored dense at {precision} (sparse storage is done at "
             f"{' and '.join(SPARSE_PRECISIONS)}; sparse plus quantized needs iOS18 joint compression, not built)"
         )
-    if COREML_SPEC_VERSIONS[min_os] < COREML_MIN_SPEC["int8-weight-only"]:
+    if COREML_SPEC_VERSIONS[min_os] < _SPARSE_MIN_SPEC:
         return (
             mlmodel,
             f"the pruned weights' zeros are stored dense: sparse weights need iOS16 / macOS13; min_os is {min_os}",

@@ -175,3 +175,29 @@ def test_int8_qdq_weights_keep_the_2_4_zeros_and_a_pass_history_the_weights_cont
     )
     assert json.loads(dense.files["model/build_spec.json"].read_text())["sparsity_2_4"] is False
     assert any("layers res lost the 2:4 pattern" in n for n in dense.notes)
+
+
+def test_core_ml_package_of_a_pruned_model_stores_its_zeros_sparse(source, train_set, eval_set, tmp_path):
+    pytest.importorskip("coremltools")
+    from edgeship.compiler import compile_model
+    from edgeship.compiler.coreml.reference import load_program, main_function
+    from edgeship.runtime.package import TrustedKeys, generate_key, unpack_package
+
+    key = generate_key()
+    recipe = Recipe.from_dict(
+        {
+            "variants": {"ios17": ["fp16"]},
+            "validation": {"latency_runs": 1},
+            "passes": ["prune.sparse24"],
+            "prune": {"sparse24": {"epochs": 4, "lr": 3e-3}},
+        }
+    )
+    report = compile_model(source, ["ios17"], tmp_path / "out", key, recipe=recipe, training=train_set, evaluation=eval_set)
+    (variant,) = report.variants
+    assert variant.error is None and variant.package is not None, variant.error
+    assert any("5 of 6 weight tensors stored sparse" in n for n in variant.notes), variant.notes
+    entry = json.loads(report.report_json.read_text())["passes"][0]
+    assert abs(variant.metrics.accuracy - entry["accuracy_after"]) < 0.01  # the reference evaluator ran it
+    unpack_package(variant.package, tmp_path / "pkg", trusted_keys=TrustedKeys.of([key.public_key()]), durable=False)
+    program = load_program(tmp_path / "pkg" / "model" / "model.mlpackage")
+    assert [op.op_type for op in main_function(program).operations].count("constexpr_sparse_to_dense") == 5
