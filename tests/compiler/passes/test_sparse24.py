@@ -192,7 +192,9 @@ def test_core_ml_package_of_a_pruned_model_stores_its_zeros_sparse(source, train
             "prune": {"sparse24": {"epochs": 4, "lr": 3e-3}},
         }
     )
-    report = compile_model(source, ["ios17"], tmp_path / "out", key, recipe=recipe, training=train_set, evaluation=eval_set)
+    report = compile_model(
+        source, ["ios17"], tmp_path / "out", key, recipe=recipe, training=train_set, evaluation=eval_set
+    )
     (variant,) = report.variants
     assert variant.error is None and variant.package is not None, variant.error
     assert any("5 of 6 weight tensors stored sparse" in n for n in variant.notes), variant.notes
