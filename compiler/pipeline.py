@@ -275,7 +275,7 @@ def _build(
     try:
         with converter_output(work / "convert.log"):
             emitted = emitters.get(profile.format).emit(
-                EmitRequest(ctx.working, profile, precision, work / "artifact", ctx.calib, recipe)
+                EmitRequest(ctx.working, profile, precision, work / "artifact", ctx.calib, recipe, tuple(ctx.passes))
             )
     except Exception as exc:
         if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants

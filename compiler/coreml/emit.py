@@ -14,6 +14,14 @@ w8a8                int8 weights and int8 activations (calibrated)   iOS17 / mac
 int4-block          int4 weights, one scale per block of 32          iOS18 / macOS15
 =================== ================================================ ===================
 
+Weights a pruning pass zeroed (``prune.magnitude``, ``prune.sparse24``) are stored sparse at fp32
+and fp16 (``sparse_weights``): coremltools' threshold pruner keeps exactly the zeros already there
+(a bit mask plus the non-zero values, ``constexpr_sparse_to_dense``, iOS16 / macOS13 and later), so
+the numerics are those of the pruned model and the file shrinks. Layers with fewer than
+``SPARSE_MIN_ZEROS`` zeros stay dense. At the quantized precisions the zeros stay dense: sparse plus
+quantized weights (coremltools' joint compression) need iOS18 and ops the reference evaluator does
+not compute yet.
+
 Inputs and outputs stay float32 at every precision (the program casts inside), so a
 caller feeds the same arrays to every variant. Activation calibration for w8a8 normally
 runs Core ML itself, which only exists on macOS; here the activation ranges come from the
@@ -55,6 +63,13 @@ PRECISIONS = ("fp32", "fp16", "int8-weight-only", "palettized-4bit", "w8a8", "in
 # COREML_MIN_SPEC: precision -> lowest specification), the one table profiles are validated against.
 
 INT4_BLOCK_SIZE = 32
+#: A weight tensor is stored sparse when at least this share of it is zero. The bit mask costs 1 bit
+#: per element, so at fp16 sparse storage is smaller from 1/16 zeros on; 25% keeps it to layers where
+#: a pruning pass made the zeros, not the odd zero of a dense layer.
+SPARSE_MIN_ZEROS = 0.25
+#: The precisions whose weights can be stored sparse (the others are quantized: see the module doc).
+SPARSE_PRECISIONS = ("fp32", "fp16")
+_SPARSE_MIN_SPEC = 7  # constexpr_sparse_to_dense arrived with specification 7 (iOS16 / macOS13)
 _COMPRESSION_DESCRIPTIONS = {
     "int8-weight-only": "int8 (linear symmetric, per channel)",
     "w8a8": "int8 (linear symmetric, per channel)",
@@ -121,13 +136,15 @@ def emit_coreml(
     out_path: str | os.PathLike[str],
     *,
     calibration: Calibration | None = None,
+    sparse_weights: bool = False,
 ) -> CoreMLResult:
     """Convert ``module`` (a ``torch.nn.Module``) to an ML program at ``precision`` and save it at
     ``out_path`` (a ``.mlpackage`` directory, replaced if it exists).
 
     ``example_inputs`` fix the input shapes (no flexible dimensions). ``calibration`` (feed
     dicts by input name, each matching those shapes) is required for ``w8a8`` and ignored
-    otherwise. Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
+    otherwise. ``sparse_weights``: store the zeros of fp32/fp16 weights sparse (a pruned model; a
+    note says why when they stay dense). Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
     calibration data, or a model coremltools cannot convert or compress; ``CoreMLVersionError``
     when coremltools is not 9.0.
     """
@@ -177,6 +194,9 @@ def emit_coreml(
             )
         if precision in _COMPRESSION_DESCRIPTIONS:
             mlmodel = _compress_weights(mlmodel, precision)
+        if sparse_weights:
+            mlmodel, note = _sparse_weights(mlmodel, precision, min_os)
+            notes.append(note)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -246,6 +266,7 @@ class CoreMLEmitter(Emitter):
             request.profile.min_os or "",
             work / "model.mlpackage",
             calibration=_samples(request.calibration),
+            sparse_weights=any(entry.get("sparsity") for entry in request.passes),
         )
         return Emitted(
             "coreml",
@@ -333,6 +354,50 @@ def _compress_weights(mlmodel: Any, precision: str) -> Any:
         return apply(mlmodel, cto.OptimizationConfig(global_config=config))
     except Exception as exc:  # coremltools raises ValueError/AssertionError for weights it cannot compress
         raise UsageError(f"coremltools cannot compress the weights to {precision}: {_first_line(exc)}") from exc
+
+
+def _sparse_weights(mlmodel: Any, precision: str, min_os: str) -> tuple[Any, str]:
+    """Store the zeros of float weights sparse (lossless); the model and a note saying what was done."""
+    import coremltools.optimize.coreml as cto
+
+    if precision not in SPARSE_PRECISIONS:
+        return mlmodel, (
+            f"the pruned weights' zeros are stored dense at {precision} (sparse storage is done at "
+            f"{' and '.join(SPARSE_PRECISIONS)}; sparse plus quantized needs iOS18 joint compression, not built)"
+        )
+    if COREML_SPEC_VERSIONS[min_os] < _SPARSE_MIN_SPEC:
+        return (
+            mlmodel,
+            f"the pruned weights' zeros are stored dense: sparse weights need iOS16 / macOS13; min_os is {min_os}",
+        )
+    before = _dense_zeros(program_of(mlmodel))
+    config = cto.OpThresholdPrunerConfig(
+        threshold=1e-12, minimum_sparsity_percentile=SPARSE_MIN_ZEROS, weight_threshold=0
+    )
+    try:
+        sparse = cto.prune_weights(mlmodel, cto.OptimizationConfig(global_config=config))
+    except Exception as exc:  # coremltools raises ValueError/AssertionError for weights it cannot compress
+        raise UsageError(f"coremltools cannot store the pruned weights sparse: {_first_line(exc)}") from exc
+    stored = [op for op in main_function(program_of(sparse)).operations if op.op_type == "constexpr_sparse_to_dense"]
+    zeros = sum(z for _name, z, _n in before if z / _n >= SPARSE_MIN_ZEROS)
+    total = sum(n for _name, _z, n in before if _z / n >= SPARSE_MIN_ZEROS)
+    dense = [name for name, z, n in before if z / n < SPARSE_MIN_ZEROS]
+    note = (
+        f"{len(stored)} of {len(before)} weight tensors stored sparse (bit mask + non-zero values, "
+        f"constexpr_sparse_to_dense): {zeros / max(total, 1):.0%} of their weights are zeros the passes made"
+    )
+    if dense:
+        note += f"; {len(dense)} stayed dense (under {SPARSE_MIN_ZEROS:.0%} zeros: {', '.join(dense[:4])})"
+    return sparse, note
+
+
+def _dense_zeros(program: Any) -> list[tuple[str, int, int]]:
+    """(name, zeros, elements) of every float weight a compute op reads (rank >= 2, as ``_weights``)."""
+    _compressed, floats = _weights(program)
+    values = {
+        op.outputs[0].name: op.outputs[0].val for op in main_function(program).operations if op.op_type == "const"
+    }
+    return [(name, int(np.count_nonzero(np.asarray(values[name]) == 0)), int(np.prod(shape))) for name, shape in floats]
 
 
 def _weights(program: Any) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.recipe import Recipe
@@ -72,6 +72,8 @@ class EmitRequest:
     ``workdir``: an empty-or-missing directory the emitter owns; the artifact files go there.
     ``calibration``: representative inputs, or None (precisions that need them refuse without).
     ``recipe``: the compile recipe (quantization rules, sensitivity search, TFLite I/O type).
+    ``passes``: the report entries of the passes that made ``source`` (empty for the source itself);
+    emitters read what a pass left for them there (``sparse_2_4_layers``).
     """
 
     source: SourceModel
@@ -80,6 +82,24 @@ class EmitRequest:
     workdir: Path
     calibration: Dataset | None = None
     recipe: Recipe = field(default_factory=Recipe)
+    passes: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def sparse_2_4_layers(self) -> tuple[list[str], list[str]]:
+        """(layers whose weights are 2:4 sparse now, layers a pass made 2:4 that a later pass changed).
+
+        The names come from ``prune.sparse24``'s report entries; each is checked on ``source.module``,
+        so a later pass that retrained or reshaped a layer cannot make an emitter promise a pattern the
+        weights no longer have.
+        """
+        from edgeship.compiler.passes.sparse24 import LAYERS_KEY, is_2_4
+
+        named = sorted({n for entry in self.passes for n in entry.get(LAYERS_KEY, ())})
+        if not named or self.source.module is None:
+            return [], named
+        modules = dict(self.source.module.named_modules())
+        kept = [n for n in named if n in modules and is_2_4(getattr(modules[n], "weight", None))]
+        return kept, [n for n in named if n not in kept]
 
     @property
     def batch(self) -> int:

@@ -318,6 +318,7 @@ class TensorRTEmitter(Emitter):
         fp32 = work / "model_fp32.onnx"
         export_fp32(request.source, fp32)
         calib = request.calibration
+        sparse, lost = request.sparse_2_4_layers
         result = emit_tensorrt(
             fp32,
             work / "trt",
@@ -326,7 +327,17 @@ class TensorRTEmitter(Emitter):
             min_tensorrt_version=request.profile.runtime_version,
             calibration_method=request.recipe.calibration_method,
             exclude_nodes=skipped_nodes(fp32, rules.skipped) if (rules := request.recipe.quantize).any else (),
+            sparsity_2_4=bool(sparse),
         )
+        notes = list(result.notes)
+        if sparse:
+            notes.append(
+                f"2:4 sparse weights (prune.sparse24) in {len(sparse)} layer(s): {', '.join(sparse)}; build_spec.json "
+                "sparsity_2_4 is true, so the device's engine build sets BuilderFlag.SPARSE_WEIGHTS. Whether TensorRT "
+                "picks sparse kernels, and what they gain, is decided on an Ampere/Orin GPU (not run here)"
+            )
+        if lost:
+            notes.append(f"layers {', '.join(lost)} lost the 2:4 pattern prune.sparse24 gave them (a later pass)")
         files = {"model/model.onnx": result.onnx_path, "model/build_spec.json": result.build_spec_path}
         data = result.onnx_path.with_name(result.onnx_path.name + ".data")
         if data.is_file():
@@ -342,7 +353,7 @@ class TensorRTEmitter(Emitter):
             "torch.onnx + onnxruntime.quantization (symmetric Q/DQ)"
             if precision == "int8-qdq"
             else f"torch.onnx ({precision} built on the device)",
-            list(result.notes),
+            notes,
         )
 
 

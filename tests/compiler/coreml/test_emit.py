@@ -1,0 +1,84 @@
+"""The Core ML emitter's sparse weight storage: a pruned model's zeros stored as a bit mask plus
+non-zero values, checked for size and, through the numpy reference evaluator, for numerics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coremltools")
+torch = pytest.importorskip("torch")
+
+from edgeship.compiler.coreml import ReferenceEvaluator  # noqa: E402
+from edgeship.compiler.coreml.emit import emit_coreml  # noqa: E402
+from edgeship.compiler.coreml.reference import load_program, main_function  # noqa: E402
+from edgeship.compiler.passes.sparse24 import mask_2_4  # noqa: E402
+
+
+def pruned_cnn() -> Any:
+    """A 32-wide CNN for 8x8 images with 2:4 zeros in every layer that can take them (not the 1-channel stem)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    ).eval()
+    with torch.no_grad():
+        for layer in (model[2], model[5], model[7]):
+            layer.weight.mul_(mask_2_4(layer.weight))
+    return model
+
+
+def emit(model: Any, tmp_path: Path, precision: str, min_os: str, sparse: bool) -> Any:
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / f"{precision}-{min_os}-{sparse}.mlpackage"
+    return emit_coreml(model, (x,), ["image"], ["logits"], precision, min_os, path, sparse_weights=sparse), x
+
+
+def op_types(path: Path) -> list[str]:
+    return [op.op_type for op in main_function(load_program(path)).operations]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_pruned_weights_are_stored_sparse_smaller_with_the_same_numerics(tmp_path: Path, precision: str):
+    model = pruned_cnn()
+    dense, x = emit(model, tmp_path, precision, "iOS17", sparse=False)
+    sparse, _ = emit(model, tmp_path, precision, "iOS17", sparse=True)
+    assert op_types(sparse.path).count("constexpr_sparse_to_dense") == 3
+    assert "constexpr_sparse_to_dense" not in op_types(dense.path)
+    # Half the values of 3 of 4 weight tensors go, a 1-bit mask comes: about 0.55x at either precision.
+    assert sparse.weight_bytes < 0.62 * dense.weight_bytes, (sparse.weight_bytes, dense.weight_bytes)
+    assert any("3 of 4 weight tensors stored sparse" in n and "1 stayed dense" in n for n in sparse.notes)
+    feed = {"image": x.numpy()}
+    got = ReferenceEvaluator(sparse.path).run(feed)["logits"]
+    want = ReferenceEvaluator(dense.path).run(feed)["logits"]
+    np.testing.assert_array_equal(got, want)  # lossless: the very same weights
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4 if precision == "fp32" else 2e-2)
+
+
+def test_zeros_stay_dense_where_sparse_storage_is_not_built_and_the_note_says_why(tmp_path: Path):
+    model = pruned_cnn()
+    quantized, _ = emit(model, tmp_path, "int8-weight-only", "iOS17", sparse=True)
+    assert "constexpr_sparse_to_dense" not in op_types(quantized.path)
+    assert any("stored dense at int8-weight-only" in n for n in quantized.notes)
+    old_os, _ = emit(model, tmp_path, "fp16", "iOS15", sparse=True)
+    assert "constexpr_sparse_to_dense" not in op_types(old_os.path)
+    assert any("sparse weights need iOS16 / macOS13; min_os is iOS15" in n for n in old_os.notes)
+
+
+def test_a_dense_model_is_left_dense(tmp_path: Path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    result, _ = emit(model.eval(), tmp_path, "fp16", "iOS17", sparse=True)
+    assert "constexpr_sparse_to_dense" not in op_types(result.path)
+    assert any("0 of 2 weight tensors stored sparse" in n for n in result.notes)
