@@ -959,14 +959,13 @@ def _check_requirements(requirements: Mapping[str, Any]) -> None:
     available now; the runtime library must be of the major version the package was built for (a minor
     difference is allowed: the package's golden vectors decide, in the validation child).
     """
-    from edgeship.errors import BackendUnavailableError as Unavailable
     from edgeship.runtime.backends.registry import select as select_backend
 
     fmt = requirements.get("format")
     if isinstance(fmt, str):
         try:
             backend = select_backend(fmt)
-        except (Unavailable, EdgeshipError) as exc:
+        except EdgeshipError as exc:  # BackendUnavailableError, or a format no backend knows
             raise Refused("unsupported", f"this device cannot run {fmt} models: {exc}") from None
         runtime = requirements.get("runtime") or {}
         wanted, have = str(runtime.get("version") or ""), _library_version(backend.name)
