@@ -22,8 +22,9 @@ the pipeline looks it up by the target profile's ``format`` and knows nothing el
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -62,6 +63,56 @@ class Emitted:
         return sum(p.stat().st_size for p in self.files.values())
 
 
+class ConversionCache:
+    """The fp32 conversions of one model, made once and shared by every variant built from it.
+
+    Every emitter starts from an fp32 conversion of the model (the ONNX export, the litert-torch
+    conversion) and quantizes that; a budget search builds up to eight candidates per target, each
+    of which used to convert the model again (about 5 s per TFLite conversion of a small CNN).
+    ``fp32(key, path, make)`` runs ``make`` once per ``key`` into the cache directory and copies the
+    result to ``path`` (a copy: emitters edit their fp32 file in place). A conversion that raised
+    raises the same error again without converting a second time.
+
+    Valid only while the model does not change: the pipeline makes one per compile, after the
+    passes, for the working model every variant converts (``EmitRequest.cache``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: dict[str, Path | BaseException] = {}
+        #: How many conversions ``fp32`` made and how many it served from the cache, per key.
+        self.made: dict[str, int] = {}
+        self.reused: dict[str, int] = {}
+
+    def fp32(self, key: str, path: Path, make: Callable[[Path], None]) -> None:
+        """Write the conversion named ``key`` (one word: "onnx", "tflite") to ``path``."""
+        found = self._made.get(key)
+        if found is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            cached = self.root / f"{key}-fp32"
+            self.made[key] = self.made.get(key, 0) + 1
+            try:
+                make(cached)
+            except BaseException as exc:
+                if isinstance(exc, Exception):  # not Ctrl-C: that must not be replayed as the model's fault
+                    self._made[key] = exc
+                raise
+            self._made[key] = found = cached
+        else:
+            self.reused[key] = self.reused.get(key, 0) + 1
+        if isinstance(found, BaseException):
+            raise found
+        shutil.copyfile(found, path)
+
+
+def convert_fp32(cache: ConversionCache | None, key: str, path: Path, make: Callable[[Path], None]) -> None:
+    """``make(path)``, or its result from ``cache`` when another variant of the compile made it."""
+    if cache is None:
+        make(path)
+    else:
+        cache.fp32(key, path, make)
+
+
 @dataclass(frozen=True)
 class EmitRequest:
     """Everything an emitter gets for one variant.
@@ -72,6 +123,8 @@ class EmitRequest:
     ``workdir``: an empty-or-missing directory the emitter owns; the artifact files go there.
     ``calibration``: representative inputs, or None (precisions that need them refuse without).
     ``recipe``: the compile recipe (quantization rules, sensitivity search, TFLite I/O type).
+    ``cache``: fp32 conversions of ``source`` shared with the other variants of the compile, or
+    None (convert here).
     """
 
     source: SourceModel
@@ -80,6 +133,7 @@ class EmitRequest:
     workdir: Path
     calibration: Dataset | None = None
     recipe: Recipe = field(default_factory=Recipe)
+    cache: ConversionCache | None = None
 
     @property
     def batch(self) -> int:
