@@ -108,8 +108,8 @@ def with_outlier_channels(
     feeds is multiplied by ``scale`` (ReLU commutes with a positive factor), and the next pointwise
     convolution (or the head) divides its input weights for c by ``scale``.
 
-    Real BN-folded MobileNets have such per-channel range disparities (that paper: ranges differing
-    by orders of magnitude between channels of one layer); per-channel *weight* quantization absorbs
+    Real BN-folded MobileNets have such per-channel disparities (that paper, figure 2: weight ranges
+    differing by orders of magnitude between channels of one MobileNetV2 depthwise layer); per-channel *weight* quantization absorbs
     them, one int8 scale per *activation* tensor does not: the other channels keep a few levels.
     The channels chosen are the ones with the widest range on ``x`` (dead channels would stay 0).
     Returns the model and which channels were scaled, one line per layer.
