@@ -22,12 +22,15 @@ the pipeline looks it up by the target profile's ``format`` and knows nothing el
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import numpy as np
 
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.recipe import Recipe
@@ -73,6 +76,10 @@ class ConversionCache:
     result to ``path`` (a copy: emitters edit their fp32 file in place). A conversion that raised
     raises the same error again without converting a second time.
 
+    ``references(feeds, compute)`` does the same for the fp32 model's outputs on a list of feeds
+    (the layer search's reference on the calibration data, computed again by every mixed-precision
+    candidate before), keyed by the feeds' contents.
+
     Valid only while the model does not change: the pipeline makes one per compile, after the
     passes, for the working model every variant converts (``EmitRequest.cache``).
     """
@@ -83,6 +90,7 @@ class ConversionCache:
         #: How many conversions ``fp32`` made and how many it served from the cache, per key.
         self.made: dict[str, int] = {}
         self.reused: dict[str, int] = {}
+        self._references: dict[str, list[Mapping[str, Any]]] = {}
 
     def fp32(self, key: str, path: Path, make: Callable[[Path], None]) -> None:
         """Write the conversion named ``key`` (one word: "onnx", "tflite") to ``path``."""
@@ -104,6 +112,24 @@ class ConversionCache:
             raise found
         shutil.copyfile(found, path)
 
+    def references(
+        self, feeds: Sequence[Mapping[str, Any]], compute: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """``[compute(feed) for feed in feeds]``, computed once per distinct list of feeds (by content)."""
+        digest = hashlib.sha256()
+        for feed in feeds:
+            for name in sorted(feed):
+                value = np.ascontiguousarray(feed[name])
+                digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+                digest.update(value.tobytes())
+        key = digest.hexdigest()
+        if key not in self._references:
+            self.made["references"] = self.made.get("references", 0) + 1
+            self._references[key] = [compute(feed) for feed in feeds]
+        else:
+            self.reused["references"] = self.reused.get("references", 0) + 1
+        return self._references[key]
+
 
 def convert_fp32(cache: ConversionCache | None, key: str, path: Path, make: Callable[[Path], None]) -> None:
     """``make(path)``, or its result from ``cache`` when another variant of the compile made it."""
@@ -111,6 +137,15 @@ def convert_fp32(cache: ConversionCache | None, key: str, path: Path, make: Call
         make(path)
     else:
         cache.fp32(key, path, make)
+
+
+def fp32_references(
+    cache: ConversionCache | None,
+    feeds: Sequence[Mapping[str, Any]],
+    compute: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+) -> list[Mapping[str, Any]]:
+    """The fp32 model's outputs on ``feeds``: from ``cache`` when another candidate computed them."""
+    return [compute(feed) for feed in feeds] if cache is None else cache.references(feeds, compute)
 
 
 @dataclass(frozen=True)

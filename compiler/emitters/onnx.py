@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from edgeship.compiler.data import Dataset
-from edgeship.compiler.emitters.base import ConversionCache, EmitRequest, Emitted, Emitter, convert_fp32
+from edgeship.compiler.emitters.base import (
+    ConversionCache,
+    EmitRequest,
+    Emitted,
+    Emitter,
+    convert_fp32,
+    fp32_references,
+)
 from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
@@ -104,7 +111,8 @@ def emit(
         keep_float: list[str] = []
         if min_cosine is not None:
             found, used = sensitivity.choose(
-                sensitivity.onnx_float_nodes, fp32, quantizer, feeds, source.reference, min_cosine,
+                sensitivity.onnx_float_nodes, fp32, quantizer, feeds, fp32_references(cache, feeds, source.reference),
+                min_cosine,
                 max_float_fraction, fallback,
             )  # fmt: skip
             keep_float = list(found.kept_float)

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from edgeship.compiler.data import Dataset
-from edgeship.compiler.emitters.base import ConversionCache, EmitRequest, Emitted, Emitter, convert_fp32
+from edgeship.compiler.emitters.base import (
+    ConversionCache,
+    EmitRequest,
+    Emitted,
+    Emitter,
+    convert_fp32,
+    fp32_references,
+)
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import Quantization, TensorSpec
@@ -71,7 +78,17 @@ def emit(
             _fp16(fp32, out)
         else:
             route += _quantize_int8(
-                fp32, out, precision, source, calibration, min_cosine, max_float_fraction, fallback, skipped, notes
+                fp32,
+                out,
+                precision,
+                source,
+                calibration,
+                min_cosine,
+                max_float_fraction,
+                fallback,
+                skipped,
+                notes,
+                cache,
             )
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
@@ -228,6 +245,7 @@ def _quantize_int8(
     fallback: str,
     skipped: Callable[[str, str], bool] | None,
     notes: list[str],
+    cache: ConversionCache | None = None,
 ) -> str:
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
     global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
@@ -246,7 +264,14 @@ def _quantize_int8(
     suffix = ""
     if min_cosine is not None:
         found, used = sensitivity.choose(
-            sensitivity.tflite_float_ops, fp32, quantizer, feeds, source.reference, min_cosine, fraction, fallback
+            sensitivity.tflite_float_ops,
+            fp32,
+            quantizer,
+            feeds,
+            fp32_references(cache, feeds, source.reference),
+            min_cosine,
+            fraction,
+            fallback,
         )
         keep_float = list(found.kept_float)
         notes += [

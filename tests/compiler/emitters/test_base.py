@@ -61,3 +61,24 @@ def test_without_a_cache_the_conversion_runs_every_time(tmp_path):
     for _ in range(2):
         convert_fp32(None, "onnx", tmp_path / "x.onnx", _counting(calls))
     assert len(calls) == 2
+
+
+def test_reference_outputs_are_computed_once_per_distinct_list_of_feeds(tmp_path):
+    import numpy as np
+
+    cache, calls = ConversionCache(tmp_path / "cache"), []
+
+    def compute(feed):
+        calls.append(feed)
+        return {"y": feed["x"] * 2}
+
+    feeds = [{"x": np.arange(3, dtype=np.float32) + i} for i in range(4)]
+    first = cache.references(feeds, compute)
+    # The next candidate builds its feeds again from the same data: new dicts, same contents.
+    again = cache.references([{"x": f["x"].copy()} for f in feeds], compute)
+    assert len(calls) == 4 and again is first and np.array_equal(first[3]["y"], feeds[3]["x"] * 2)
+    other = cache.references([{"x": feeds[0]["x"] + 1}], compute)
+    assert len(calls) == 5 and np.array_equal(other[0]["y"], (feeds[0]["x"] + 1) * 2)
+    # Same bytes, another dtype or shape, is another list of feeds.
+    cache.references([{"x": f["x"].view(np.int32)} for f in feeds], lambda feed: {"y": feed["x"]})
+    assert cache.made["references"] == 3 and cache.reused["references"] == 1
