@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from edgeship.compiler import data as datasets
 from edgeship.compiler import emitters, quality
 from edgeship.compiler import report as reports
 from edgeship.compiler.emitters import EmitRequest
+from edgeship.compiler.emitters.base import ConversionCache
 from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.search import budget as search_budget
 from edgeship.compiler.source import SourceModel
@@ -193,6 +195,7 @@ def compile_model(
     results: list[VariantResult] = []
     searches: dict[str, dict[str, Any]] = {}
     ctx.root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
+    ctx.cache = ConversionCache(ctx.root / ".fp32-cache")
     try:
         for profile, precision in variants:
             if profile.name in searched:
@@ -253,6 +256,8 @@ class _Build:
     """What the emitters convert: the source, or the model the recipe's passes made of it."""
     passes: list[dict[str, Any]]
     root: Path = Path()
+    #: The working model's fp32 conversions, shared by every variant and search candidate.
+    cache: ConversionCache | None = None
 
 
 @dataclass
@@ -275,7 +280,9 @@ def _build(
     try:
         with converter_output(work / "convert.log"):
             emitted = emitters.get(profile.format).emit(
-                EmitRequest(ctx.working, profile, precision, work / "artifact", ctx.calib, recipe, tuple(ctx.passes))
+                EmitRequest(
+                    ctx.working, profile, precision, work / "artifact", ctx.calib, recipe, tuple(ctx.passes), ctx.cache
+                )
             )
     except Exception as exc:
         if not isinstance(exc, EdgeshipError):  # a converter crashed: report it, keep the other variants
@@ -420,6 +427,7 @@ def search_target(
         mixed_cosine=mixed,
     )
     built: dict[str, tuple[VariantResult, _Built | None, Recipe]] = {}
+    seconds: dict[str, float] = {}
 
     def evaluate(candidate: search_budget.Candidate) -> search_budget.CandidateResult:
         ctx.say(f"{profile.name}: budget search, candidate {candidate.name}")
@@ -430,7 +438,9 @@ def search_target(
             quantize=dataclasses.replace(recipe.quantize, min_cosine=candidate.min_cosine),
         )
         tag = f"{profile.name}-search-{len(built)}-{candidate.precision}"
+        began = time.perf_counter()
         result, artifact = _build(ctx, profile, candidate.precision, variant_recipe, tag)
+        seconds[candidate.name] = time.perf_counter() - began
         built[candidate.name] = (result, artifact, variant_recipe)
         m = result.metrics
         return search_budget.CandidateResult(
@@ -441,6 +451,7 @@ def search_target(
     report = found.to_json()
     for trial_json, trial in zip(report["trials"], found.trials):
         trial_json["metrics"] = built[trial.candidate.name][0].metrics.to_json()
+        trial_json["seconds"] = round(seconds[trial.candidate.name], 2)  # build + validation wall time
     report["budget"] = user.describe() if budget is not None else "the default quality gate"
     report["winner_precision"] = found.winner.candidate.precision if found.winner else None
     chosen = found.winner or found.best

@@ -92,7 +92,7 @@ def _search(target: str, found: dict[str, Any], use_accuracy: bool) -> str:
     winner = {"target": target, "precision": found["winner"]} if found.get("winner") else None
     head = (
         "<tr><th>#</th><th>candidate</th><th>size KiB</th><th>cosine min</th><th>drop (points)</th>"
-        "<th>latency median ms</th><th>budget</th><th>verdict</th></tr>"
+        "<th>latency median ms</th><th>build s</th><th>budget</th><th>verdict</th></tr>"
     )
     out = [head]
     for i, t in enumerate(found["trials"], 1):
@@ -100,7 +100,7 @@ def _search(target: str, found: dict[str, Any], use_accuracy: bool) -> str:
         out.append(
             f"<tr><td>{i}</td><td class=l>{html.escape(t['name'])}</td><td>{t['size_bytes'] / 1024:.1f}</td>"
             f"<td>{_fmt(t['cosine'], 5)}</td><td>{_fmt(t['accuracy_drop'], 2)}</td><td>{_fmt(t['latency_ms'], 3)}</td>"
-            f"<td class=l>{html.escape(t['budget'])}</td>"
+            f"<td>{_fmt(t.get('seconds'), 1)}</td><td class=l>{html.escape(t['budget'])}</td>"
             f"<td class='l{'' if t['held'] else ' bad'}'>{html.escape(verdict)}</td></tr>"
         )
     untried = found.get("not_tried") or []

@@ -22,11 +22,15 @@ the pipeline looks it up by the target profile's ``format`` and knows nothing el
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.recipe import Recipe
@@ -62,6 +66,88 @@ class Emitted:
         return sum(p.stat().st_size for p in self.files.values())
 
 
+class ConversionCache:
+    """The fp32 conversions of one model, made once and shared by every variant built from it.
+
+    Every emitter starts from an fp32 conversion of the model (the ONNX export, the litert-torch
+    conversion) and quantizes that; a budget search builds up to eight candidates per target, each
+    of which used to convert the model again (about 5 s per TFLite conversion of a small CNN).
+    ``fp32(key, path, make)`` runs ``make`` once per ``key`` into the cache directory and copies the
+    result to ``path`` (a copy: emitters edit their fp32 file in place). A conversion that raised
+    raises the same error again without converting a second time.
+
+    ``references(feeds, compute)`` does the same for the fp32 model's outputs on a list of feeds
+    (the layer search's reference on the calibration data, computed again by every mixed-precision
+    candidate before), keyed by the feeds' contents.
+
+    Valid only while the model does not change: the pipeline makes one per compile, after the
+    passes, for the working model every variant converts (``EmitRequest.cache``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: dict[str, Path | BaseException] = {}
+        #: How many conversions ``fp32`` made and how many it served from the cache, per key.
+        self.made: dict[str, int] = {}
+        self.reused: dict[str, int] = {}
+        self._references: dict[str, list[Mapping[str, Any]]] = {}
+
+    def fp32(self, key: str, path: Path, make: Callable[[Path], None]) -> None:
+        """Write the conversion named ``key`` (one word: "onnx", "tflite") to ``path``."""
+        found = self._made.get(key)
+        if found is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            cached = self.root / f"{key}-fp32"
+            self.made[key] = self.made.get(key, 0) + 1
+            try:
+                make(cached)
+            except BaseException as exc:
+                if isinstance(exc, Exception):  # not Ctrl-C: that must not be replayed as the model's fault
+                    self._made[key] = exc
+                raise
+            self._made[key] = found = cached
+        else:
+            self.reused[key] = self.reused.get(key, 0) + 1
+        if isinstance(found, BaseException):
+            raise found
+        shutil.copyfile(found, path)
+
+    def references(
+        self, feeds: Sequence[Mapping[str, Any]], compute: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """``[compute(feed) for feed in feeds]``, computed once per distinct list of feeds (by content)."""
+        digest = hashlib.sha256()
+        for feed in feeds:
+            for name in sorted(feed):
+                value = np.ascontiguousarray(feed[name])
+                digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+                digest.update(value.tobytes())
+        key = digest.hexdigest()
+        if key not in self._references:
+            self.made["references"] = self.made.get("references", 0) + 1
+            self._references[key] = [compute(feed) for feed in feeds]
+        else:
+            self.reused["references"] = self.reused.get("references", 0) + 1
+        return self._references[key]
+
+
+def convert_fp32(cache: ConversionCache | None, key: str, path: Path, make: Callable[[Path], None]) -> None:
+    """``make(path)``, or its result from ``cache`` when another variant of the compile made it."""
+    if cache is None:
+        make(path)
+    else:
+        cache.fp32(key, path, make)
+
+
+def fp32_references(
+    cache: ConversionCache | None,
+    feeds: Sequence[Mapping[str, Any]],
+    compute: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+) -> list[Mapping[str, Any]]:
+    """The fp32 model's outputs on ``feeds``: from ``cache`` when another candidate computed them."""
+    return [compute(feed) for feed in feeds] if cache is None else cache.references(feeds, compute)
+
+
 @dataclass(frozen=True)
 class EmitRequest:
     """Everything an emitter gets for one variant.
@@ -74,6 +160,8 @@ class EmitRequest:
     ``recipe``: the compile recipe (quantization rules, sensitivity search, TFLite I/O type).
     ``passes``: the report entries of the passes that made ``source`` (empty for the source itself);
     emitters read what a pass left for them there (``sparse_2_4_layers``).
+    ``cache``: fp32 conversions of ``source`` shared with the other variants of the compile, or
+    None (convert here).
     """
 
     source: SourceModel
@@ -83,6 +171,7 @@ class EmitRequest:
     calibration: Dataset | None = None
     recipe: Recipe = field(default_factory=Recipe)
     passes: tuple[Mapping[str, Any], ...] = ()
+    cache: ConversionCache | None = None
 
     @property
     def sparse_2_4_layers(self) -> tuple[list[str], list[str]]:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from edgeship.compiler.data import Dataset
-from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
+from edgeship.compiler.emitters.base import (
+    ConversionCache,
+    EmitRequest,
+    Emitted,
+    Emitter,
+    convert_fp32,
+    fp32_references,
+)
 from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
@@ -62,15 +69,18 @@ def emit(
     fallback: str = "auto",
     reduce_range: bool = False,
     calibration_method: str = "minmax",
+    cache: ConversionCache | None = None,
 ) -> Emitted:
-    """Write ``model.onnx`` into ``workdir``. Raises ``UsageError`` for what cannot be done."""
+    """Write ``model.onnx`` into ``workdir``. Raises ``UsageError`` for what cannot be done.
+
+    ``cache``: the fp32 export shared with the compile's other variants (exported here when None)."""
     if precision not in PRECISIONS:
         raise UsageError(f"ONNX precisions are {', '.join(PRECISIONS)}; not {precision!r}")
     if precision == "int8-qdq" and calibration is None:
         raise UsageError("int8-qdq needs calibration data (--calib); or choose int8-dynamic, which needs none")
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = workdir / "model_fp32.onnx"
-    export_fp32(source, fp32)
+    convert_fp32(cache, "onnx", fp32, lambda path: export_fp32(source, path))
     out = workdir / "model.onnx"
     notes: list[str] = []
     route = "torch.onnx" if source.kind == "torch" else "onnx file"
@@ -101,7 +111,8 @@ def emit(
         keep_float: list[str] = []
         if min_cosine is not None:
             found, used = sensitivity.choose(
-                sensitivity.onnx_float_nodes, fp32, quantizer, feeds, source.reference, min_cosine,
+                sensitivity.onnx_float_nodes, fp32, quantizer, feeds, fp32_references(cache, feeds, source.reference),
+                min_cosine,
                 max_float_fraction, fallback,
             )  # fmt: skip
             keep_float = list(found.kept_float)
@@ -153,7 +164,7 @@ class OnnxEmitter(Emitter):
 
     def emit(self, request: EmitRequest) -> Emitted:
         recipe = request.recipe
-        nodes, types = exclusions(request.source, recipe, request.workdir)
+        nodes, types = exclusions(request.source, recipe, request.workdir, request.cache)
         return emit(
             request.source,
             request.precision,
@@ -166,10 +177,13 @@ class OnnxEmitter(Emitter):
             fallback=recipe.quantize.fallback,
             reduce_range=recipe.quantize.reduce_range,
             calibration_method=recipe.calibration_method,
+            cache=request.cache,
         )
 
 
-def exclusions(source: SourceModel, recipe: Recipe, work: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def exclusions(
+    source: SourceModel, recipe: Recipe, work: Path, cache: ConversionCache | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The ONNX node names and op types the recipe's skip rules keep in float (a probe export names the nodes)."""
     rules = recipe.quantize
     if not rules.any:
@@ -178,7 +192,7 @@ def exclusions(source: SourceModel, recipe: Recipe, work: Path) -> tuple[tuple[s
 
     work.mkdir(parents=True, exist_ok=True)
     probe = work / "probe.onnx"
-    export_fp32(source, probe)
+    convert_fp32(cache, "onnx", probe, lambda path: export_fp32(source, path))
     graph = onnx.load(str(probe)).graph
     nodes = tuple(n.name for n in graph.node if rules.skipped(n.op_type, n.name))
     types = tuple(sorted(t for t, r in rules.types.items() if r.skip))

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
+from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter, convert_fp32
 from edgeship.errors import ArtifactError, EdgeshipError, ModelLoadError, UsageError
 from edgeship.runtime.backends.tensorrt_spec import (
     BUILD_SPEC_NAME,
@@ -316,7 +316,7 @@ class TensorRTEmitter(Emitter):
         work, precision = request.workdir, request.precision
         work.mkdir(parents=True, exist_ok=True)
         fp32 = work / "model_fp32.onnx"
-        export_fp32(request.source, fp32)
+        convert_fp32(request.cache, "onnx", fp32, lambda path: export_fp32(request.source, path))
         calib = request.calibration
         sparse, lost = request.sparse_2_4_layers
         result = emit_tensorrt(

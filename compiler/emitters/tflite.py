@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from edgeship.compiler.data import Dataset
-from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
+from edgeship.compiler.emitters.base import (
+    ConversionCache,
+    EmitRequest,
+    Emitted,
+    Emitter,
+    convert_fp32,
+    fp32_references,
+)
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import Quantization, TensorSpec
@@ -40,11 +47,13 @@ def emit(
     max_float_fraction: float = 0.25,
     fallback: str = "auto",
     skipped: Callable[[str, str], bool] | None = None,
+    cache: ConversionCache | None = None,
 ) -> Emitted:
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done.
 
     ``skipped(op_type, name)``: the recipe's skip rules, asked with TFLite op types
     (``FULLY_CONNECTED``) and each op's scope and output tensor names; the ops it skips stay float.
+    ``cache``: the fp32 conversion shared with the compile's other variants (converted here when None).
     """
     if precision not in PRECISIONS:
         raise UsageError(f"TFLite precisions are {', '.join(PRECISIONS)}; not {precision!r}")
@@ -56,7 +65,8 @@ def emit(
         raise UsageError("int8-static needs calibration data (--calib); or choose int8-dynamic, which needs none")
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = workdir / "model_fp32.tflite"
-    _convert(source, fp32, target)
+    # The target only names itself in a conversion error: keyed by it, so a cached error names the right one.
+    convert_fp32(cache, f"tflite-{target}", fp32, lambda path: _convert(source, path, target))
     out = workdir / "model.tflite"
     notes: list[str] = []
     route = "tf.lite" if source.kind == "keras" else "litert-torch"
@@ -68,7 +78,17 @@ def emit(
             _fp16(fp32, out)
         else:
             route += _quantize_int8(
-                fp32, out, precision, source, calibration, min_cosine, max_float_fraction, fallback, skipped, notes
+                fp32,
+                out,
+                precision,
+                source,
+                calibration,
+                min_cosine,
+                max_float_fraction,
+                fallback,
+                skipped,
+                notes,
+                cache,
             )
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
@@ -124,6 +144,7 @@ class TFLiteEmitter(Emitter):
             max_float_fraction=recipe.quantize.max_float_fraction,
             fallback=recipe.quantize.fallback,
             skipped=recipe.quantize.skipped if recipe.quantize.any else None,
+            cache=request.cache,
         )
 
 
@@ -224,6 +245,7 @@ def _quantize_int8(
     fallback: str,
     skipped: Callable[[str, str], bool] | None,
     notes: list[str],
+    cache: ConversionCache | None = None,
 ) -> str:
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
     global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
@@ -242,7 +264,14 @@ def _quantize_int8(
     suffix = ""
     if min_cosine is not None:
         found, used = sensitivity.choose(
-            sensitivity.tflite_float_ops, fp32, quantizer, feeds, source.reference, min_cosine, fraction, fallback
+            sensitivity.tflite_float_ops,
+            fp32,
+            quantizer,
+            feeds,
+            fp32_references(cache, feeds, source.reference),
+            min_cosine,
+            fraction,
+            fallback,
         )
         keep_float = list(found.kept_float)
         notes += [

@@ -156,7 +156,7 @@ def compile(
 def _print_search(target: str, found: dict[str, object]) -> None:
     """The candidates one budget search tried, in order, with their figures and verdicts."""
     table = Table(
-        "candidate", "size KiB", "cos min", "drop pts", "latency ms", "verdict",
+        "candidate", "size KiB", "cos min", "drop pts", "latency ms", "build s", "verdict",
         title=f"{target}: budget search ({found['budget']})", title_justify="left",
     )  # fmt: skip
     trials = found["trials"]
@@ -165,7 +165,7 @@ def _print_search(target: str, found: dict[str, object]) -> None:
         verdict = "[green]winner[/]" if t["name"] == found["winner"] else t["verdict"]
         table.add_row(
             t["name"], f"{t['size_bytes'] / 1024:.1f}" if t["size_bytes"] else "-", _f(t["cosine"], 5),
-            _f(t["accuracy_drop"], 2), _f(t["latency_ms"], 3), verdict,
+            _f(t["accuracy_drop"], 2), _f(t["latency_ms"], 3), _f(t.get("seconds"), 1), verdict,
         )  # fmt: skip
     console.print(table)
     console.print(f"{target}: {found['reason']}")

@@ -281,3 +281,28 @@ def test_an_accuracy_budget_without_labels_is_refused_before_any_work(source, im
             calibration=Dataset({"image": images}), budget=Budget(max_accuracy_drop=0.5),
         )  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def test_a_budget_search_exports_the_model_once_for_all_its_candidates(source, images, tmp_path, monkeypatch):
+    from edgeship.compiler.emitters import onnx as onnx_emitter
+    from edgeship.compiler.search.budget import Budget
+
+    exports = []
+    real = onnx_emitter.export_fp32
+
+    def counted(model, path):
+        exports.append(path)
+        real(model, path)
+
+    monkeypatch.setattr(onnx_emitter, "export_fp32", counted)
+    recipe = Recipe.from_dict({"validation": {"latency_runs": 2}})
+    # No int8 candidate reaches cosine 0.99999 on this CNN: the search goes through to fp16.
+    report = compile_model(
+        source, ["linux-x86_64"], tmp_path, KEY, recipe=recipe,
+        calibration=Dataset({"image": images}), budget=Budget(min_cosine=0.99999),
+    )  # fmt: skip
+    trials = report.searches["linux-x86_64"]["trials"]
+    assert len(trials) >= 4 and len(exports) == 1
+    # Each candidate still quantized its own copy: int8 artifacts are smaller than the float ones.
+    size = {t["name"]: t["size_bytes"] for t in trials}
+    assert size["int8-dynamic"] < size["fp16"] and all(t["seconds"] > 0 for t in trials)
