@@ -102,10 +102,14 @@ def build_rows(
         out = work / f"{precision}.onnx"
         quantizer(fp32, out, [])
         row("onnx", precision, "all int8", out, t0)
+        if precision == "int8-dynamic" and not args.search_dynamic:
+            continue
+        say(f"  {config}: ONNX {precision} layer search")
         t0 = time.perf_counter()
         found, used = sensitivity.choose(
-            sensitivity.onnx_float_nodes, fp32, quantizer, feeds, refs, TARGET + args.margin, args.max_fraction
-        )
+            sensitivity.onnx_float_nodes, fp32, quantizer, feeds, refs, TARGET + args.margin, args.max_fraction,
+            args.fallback,
+        )  # fmt: skip
         mixed = work / f"{precision}-mixed.onnx"
         quantizer(fp32, mixed, list(found.kept_float))
         candidates = len(quantizer.candidates(fp32))
@@ -125,8 +129,9 @@ def build_rows(
     if args.tflite_search:
         t0 = time.perf_counter()
         found, used = sensitivity.choose(
-            sensitivity.tflite_float_ops, tfl32, quantizer_t, feeds, refs, TARGET + args.margin, args.max_fraction
-        )
+            sensitivity.tflite_float_ops, tfl32, quantizer_t, feeds, refs, TARGET + args.margin, args.max_fraction,
+            args.fallback,
+        )  # fmt: skip
         mixed = work / "int8-static-mixed.tflite"
         quantizer_t(tfl32, mixed, list(found.kept_float))
         candidates = len(quantizer_t.candidates(tfl32))
@@ -181,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--coreml", action="store_true", help="also Core ML w8a8 through the reference evaluator")
     parser.add_argument("--coreml-samples", type=int, default=64)
     parser.add_argument("--tflite-search", action="store_true", help="also the TFLite int8-static layer search (slow)")
+    parser.add_argument("--search-dynamic", action="store_true", help="also the ONNX int8-dynamic layer search")
+    parser.add_argument("--fallback", default="weight-only", help="layers set apart: weight-only, float or auto")
     parser.add_argument("--only", choices=("plain", "smoothed"), help="build one configuration")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of interleaved ONNX latency")
     parser.add_argument("--json", type=Path)
@@ -200,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     case = cq.minilm_case()
     rows: list[cq.Row] = []
     entry: dict[str, Any] | None = None
-    for config in ("plain", "smoothed"):
+    # Smoothed first: its figures are the new ones; each configuration is measured and printed as it ends.
+    for config in ("smoothed", "plain"):
         if args.only and config != args.only:
             continue
         module = case.module
@@ -209,8 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"  smoothed {entry['layers']} Linears; outlier ratio {entry['outlier_ratio_before']} -> "
                 f"{entry['outlier_ratio_after']}; fp32 output change {entry['fp32_output_change']:.1e}")  # fmt: skip
         with cq._quiet_warnings():
-            rows += build_rows(case, config, module, work / config, args, say)
-    cq.measure_quality(case, rows, say)
+            built = build_rows(case, config, module, work / config, args, say)
+        cq.measure_quality(case, built, say)
+        rows += built
+        print("\n".join(table(built, None)), flush=True)
+        for r in built:
+            for note in r.notes:
+                print(f"  {r.path} {r.format} {r.precision} {r.route}: {note}", flush=True)
     cq.measure_latency(case, [r for r in rows if r.format == "onnx"], args.seconds, 0.25, say)
     fp32 = next((r for r in rows if r.path == "plain" and r.format == "onnx" and r.precision == "fp32"), None)
     fp32_ms = fp32.latency_ms if fp32 else None

@@ -199,7 +199,7 @@ class Recipe:
         quantize = _mapping(
             top.get("quantize", {}),
             f"{where}: quantize",
-            QUANTIZE_KEYS | {n.split(".", 1)[1] for n in passes.names() if n.startswith("quantize.")},
+            set(QUANTIZE_KEYS) | {n.split(".", 1)[1] for n in passes.names() if n.startswith("quantize.")},
         )
         reduce_range = quantize.get("reduce_range", False)
         if not isinstance(reduce_range, bool):
