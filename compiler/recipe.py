@@ -29,6 +29,7 @@ quantize:                   # what stays in float: global -> per-op-type -> per-
   global: {skip: false}
   types: {Gather: {skip: true}}
   names: {"/classifier/Gemm": {skip: true}}
+  smooth: {alpha: 0.5}      # settings of the quantize.smooth pass, when passes lists it
 passes: [prune.channels]    # compiler passes run in order on the model before any artifact is built
 seed: 0                     # seeds every training step of the passes (same seed, same weights)
 prune:                      # one settings section per pass: family -> kind (docs/passes.md lists the keys)
