@@ -425,9 +425,11 @@ def search_target(
         calibration_methods=emitter.calibration_methods if ctx.calib is not None else {},
         layer_search=emitter.layer_search,
         mixed_cosine=mixed,
+        smoothing=search_budget.ACTIVATION_QUANTIZED if _smoothable(ctx, recipe) else (),
     )
-    built: dict[str, tuple[VariantResult, _Built | None, Recipe]] = {}
+    built: dict[str, tuple[VariantResult, _Built | None, Recipe, _Build]] = {}
     seconds: dict[str, float] = {}
+    smoothed: list[tuple[_Build, Recipe] | str] = []  # computed once, for the first smoothed candidate
 
     def evaluate(candidate: search_budget.Candidate) -> search_budget.CandidateResult:
         ctx.say(f"{profile.name}: budget search, candidate {candidate.name}")
@@ -437,11 +439,19 @@ def search_target(
             calibration_method=candidate.calibration or recipe.calibration_method,
             quantize=dataclasses.replace(recipe.quantize, min_cosine=candidate.min_cosine),
         )
+        build_ctx = ctx
+        if candidate.kind == "smoothed":
+            if not smoothed:
+                smoothed.append(_smooth(ctx, recipe))
+            if isinstance(smoothed[0], str):
+                return search_budget.CandidateResult(0, error=smoothed[0])
+            build_ctx, with_pass = smoothed[0]
+            variant_recipe = dataclasses.replace(variant_recipe, passes=with_pass.passes)
         tag = f"{profile.name}-search-{len(built)}-{candidate.precision}"
         began = time.perf_counter()
-        result, artifact = _build(ctx, profile, candidate.precision, variant_recipe, tag)
+        result, artifact = _build(build_ctx, profile, candidate.precision, variant_recipe, tag)
         seconds[candidate.name] = time.perf_counter() - began
-        built[candidate.name] = (result, artifact, variant_recipe)
+        built[candidate.name] = (result, artifact, variant_recipe, build_ctx)
         m = result.metrics
         return search_budget.CandidateResult(
             m.size_bytes, m.cosine_min, m.accuracy_drop_points, m.latency_median_ms, result.error
@@ -456,7 +466,7 @@ def search_target(
     report["winner_precision"] = found.winner.candidate.precision if found.winner else None
     chosen = found.winner or found.best
     assert chosen is not None
-    result, artifact, variant_recipe = built[chosen.candidate.name]
+    result, artifact, variant_recipe, build_ctx = built[chosen.candidate.name]
     result.gate = chosen.budget.describe()
     result.notes = [f"budget search: {found.reason}", *result.notes]
     if found.winner is None:
@@ -465,8 +475,45 @@ def search_target(
             "--max-accuracy-drop, --max-size-mb, --max-latency-ms), or give more representative calibration data"
         )
     elif artifact is not None:
-        _package(ctx, result, artifact, variant_recipe)
+        _package(build_ctx, result, artifact, variant_recipe)
     return result, report
+
+
+def _smoothable(ctx: _Build, recipe: Recipe) -> bool:
+    """Whether the budget search tries smoothed PTQ: calibration data, a PyTorch transformer (a
+    LayerNorm and a Linear), and a recipe that does not smooth already."""
+    if ctx.calib is None or ctx.working.kind != "torch" or any(s.name == "quantize.smooth" for s in recipe.passes):
+        return False
+    from edgeship.compiler.passes.smooth import applies_to
+
+    return applies_to(ctx.working.module)
+
+
+def _smooth(ctx: _Build, recipe: Recipe) -> tuple[_Build, Recipe] | str:
+    """The build context with the working model smoothed (``quantize.smooth`` at its defaults) and
+    the recipe that lists the pass (so the provenance reproduces the artifact); or why it cannot be."""
+    from edgeship.compiler.passes import get, run_passes
+    from edgeship.compiler.recipe import PassStep
+
+    settings = get("quantize.smooth").configure({}, "quantize.smooth")
+    try:
+        working = run_passes(
+            ctx.working,
+            [("quantize.smooth", settings)],
+            calibration=ctx.calib,
+            seed=recipe.seed + len(recipe.passes),
+            progress=ctx.say,
+        )
+    except UsageError as exc:
+        return str(exc)
+    # Its own conversion cache: the compile's holds the conversions of the model before smoothing.
+    smoothed_ctx = dataclasses.replace(
+        ctx,
+        working=working.as_source(),
+        passes=[*ctx.passes, *working.history],
+        cache=ConversionCache(ctx.root / ".fp32-cache-smoothed"),
+    )
+    return smoothed_ctx, dataclasses.replace(recipe, passes=(*recipe.passes, PassStep("quantize.smooth", settings)))
 
 
 def plan_one(source: SourceModel, profile: target_profiles.TargetProfile, precision: str) -> None:

@@ -29,6 +29,7 @@ quantize:                   # what stays in float: global -> per-op-type -> per-
   global: {skip: false}
   types: {Gather: {skip: true}}
   names: {"/classifier/Gemm": {skip: true}}
+  smooth: {alpha: 0.5}      # settings of the quantize.smooth pass, when passes lists it
 passes: [prune.channels]    # compiler passes run in order on the model before any artifact is built
 seed: 0                     # seeds every training step of the passes (same seed, same weights)
 prune:                      # one settings section per pass: family -> kind (docs/passes.md lists the keys)
@@ -88,6 +89,10 @@ class QuantizeRules:
         return bool(self.global_rule.skip) or bool(self.types) or bool(self.names)
 
 
+#: The recipe's own ``quantize`` keys; the section also holds the settings of ``quantize.*`` passes.
+QUANTIZE_KEYS = frozenset({"global", "types", "names", "min_cosine", "max_float_fraction", "fallback", "reduce_range"})
+
+
 @dataclass(frozen=True)
 class PassStep:
     """One compiler pass to run: its registered name and its validated settings (defaults filled in)."""
@@ -141,6 +146,7 @@ class Recipe:
             },
             "tflite": {"static_io": self.tflite_static_io},
             "quantize": {
+                **passes_to_dict(self).get("quantize", {}),
                 "min_cosine": q.min_cosine,
                 "max_float_fraction": q.max_float_fraction,
                 "fallback": q.fallback,
@@ -194,7 +200,7 @@ class Recipe:
         quantize = _mapping(
             top.get("quantize", {}),
             f"{where}: quantize",
-            {"global", "types", "names", "min_cosine", "max_float_fraction", "fallback", "reduce_range"},
+            set(QUANTIZE_KEYS) | {n.split(".", 1)[1] for n in passes.names() if n.startswith("quantize.")},
         )
         reduce_range = quantize.get("reduce_range", False)
         if not isinstance(reduce_range, bool):
@@ -283,6 +289,8 @@ def _passes(top: dict[str, Any], families: set[str], where: str) -> tuple[PassSt
     for family in families:
         section = _mapping(top.get(family, {}) or {}, f"{where}: {family}", None)
         for kind in section:
+            if family == "quantize" and kind in QUANTIZE_KEYS:
+                continue  # the quantizer's own rules share the section with the quantize.* passes
             name = f"{family}.{kind}"
             if name not in listed:
                 known = [n for n in passes.names() if n.startswith(family + ".")]

@@ -16,7 +16,9 @@ Invariants ``search`` keeps:
 
 Candidate order (``candidates``): (a) post-training quantization at each quantized precision the
 target offers, smallest artifact first (``PRECISION_ORDER``); (b) the same with another
-calibration method, where the emitter has one (percentile, entropy); (c) mixed precision: the
+calibration method, where the emitter has one (percentile, entropy); (b') smoothed PTQ: the same
+precisions after the ``quantize.smooth`` pass (SmoothQuant), for the precisions that quantize
+activations, when the caller says the model has something to smooth (a transformer); (c) mixed precision: the
 layer search (``compiler/search/layers.py``) sets the most sensitive layers apart until the
 calibration data reaches a cosine; (d) the float precisions, fp16 before fp32. Float comes last
 because it is the largest artifact; it is what holds almost any budget.
@@ -45,6 +47,8 @@ PRECISION_ORDER = (
     "fp32",
 )
 FLOAT_PRECISIONS = ("fp16", "fp32")
+#: Precisions whose activations are quantized (per tensor): where smoothing outliers can help.
+ACTIVATION_QUANTIZED = ("int8-static", "int8-qdq", "w8a8", "int8-dynamic")
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,9 @@ class Candidate:
     """One way to build the target's artifact.
 
     ``precision``: one of the target's precisions. ``kind``: ``"ptq"`` (post-training quantization,
-    or a float precision), ``"calibration"`` (PTQ with ``calibration`` other than the default) or
-    ``"mixed"`` (the layer search to ``min_cosine`` on calibration data).
+    or a float precision), ``"calibration"`` (PTQ with ``calibration`` other than the default),
+    ``"smoothed"`` (PTQ of the model after the ``quantize.smooth`` pass) or ``"mixed"`` (the layer
+    search to ``min_cosine`` on calibration data).
     """
 
     precision: str
@@ -132,6 +137,8 @@ class Candidate:
     def name(self) -> str:
         if self.kind == "calibration":
             return f"{self.precision} ({self.calibration} calibration)"
+        if self.kind == "smoothed":
+            return f"{self.precision} (smoothed PTQ)"
         if self.kind == "mixed":
             return f"{self.precision} mixed (layer search to cosine {self.min_cosine})"
         return self.precision
@@ -216,13 +223,15 @@ def candidates(
     calibration_methods: Mapping[str, Sequence[str]] | None = None,
     layer_search: Sequence[str] = (),
     mixed_cosine: float | None = None,
+    smoothing: Sequence[str] = (),
 ) -> list[Candidate]:
     """The ordered candidate list for a target that offers ``precisions`` (see the module docstring).
 
     ``calibration_methods``: per precision, the calibration methods its emitter has besides its
     default (e.g. ``{"int8-qdq": ["percentile", "entropy"]}``). ``layer_search``: precisions whose
     emitter runs the layer search; with ``mixed_cosine`` each gets a mixed candidate searching to
-    that cosine. Precisions not in ``PRECISION_ORDER`` go after the known quantized ones. Raises
+    that cosine. ``smoothing``: precisions that get a smoothed-PTQ candidate (after the other
+    calibrations, before mixed precision). Precisions not in ``PRECISION_ORDER`` go after the known quantized ones. Raises
     ``UsageError`` for an empty list.
     """
     if not precisions:
@@ -234,6 +243,7 @@ def candidates(
     out = [Candidate(p) for p in quantized]
     for p in quantized:
         out += [Candidate(p, "calibration", calibration=m) for m in (calibration_methods or {}).get(p, ())]
+    out += [Candidate(p, "smoothed") for p in quantized if p in smoothing]
     if mixed_cosine is not None:
         out += [Candidate(p, "mixed", min_cosine=mixed_cosine) for p in quantized if p in layer_search]
     out += [Candidate(p) for p in ranked if p in FLOAT_PRECISIONS]

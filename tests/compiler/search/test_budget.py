@@ -44,6 +44,21 @@ def test_candidates_go_smallest_first_then_calibrations_then_mixed_then_float():
         "fp16",
         "fp32",
     ]
+    # Smoothed PTQ (a transformer): after the other calibrations, before mixed precision.
+    smoothed = bs.candidates(
+        PRECISIONS,
+        calibration_methods={"int8-static": ["percentile"]},
+        layer_search=["int8-static"],
+        mixed_cosine=0.995,
+        smoothing=bs.ACTIVATION_QUANTIZED,
+    )
+    assert [c.name for c in smoothed][3:7] == [
+        "int8-static (percentile calibration)",
+        "int8-static (smoothed PTQ)",
+        "int8-dynamic (smoothed PTQ)",
+        "int8-static mixed (layer search to cosine 0.995)",
+    ]
+    assert "int8-weight-only (smoothed PTQ)" not in [c.name for c in smoothed]  # its activations stay float
     # No cosine to search to: no mixed candidates.
     assert [c.kind for c in bs.candidates(PRECISIONS, layer_search=["int8-static"])].count("mixed") == 0
     with pytest.raises(UsageError, match="at least one precision"):

@@ -1,0 +1,252 @@
+"""MiniLM static int8 with and without outlier smoothing (``quantize.smooth``), side by side.
+
+all-MiniLM-L6-v2 exactly as ``benchmarks/compile_quality.py`` builds it (token embeddings, sequence
+128, padding zeroed; 256 recombined calibration sentences; the 66 held-out sentences), once as is
+("plain") and once after the ``quantize.smooth`` pass ("smoothed", SmoothQuant with ``--alpha`` on
+``--layers``), each quantized with the quantizers the emitters ship:
+
+* ONNX Runtime int8-qdq (static Q/DQ, MinMax) and int8-dynamic: all-int8 cosine, then the layer search
+  (``sensitivity.choose``, fallback auto, aiming at 0.995 + ``--margin`` on the calibration sentences)
+  and how many of the quantizable nodes it sets apart; the search's artifact measured on held-out data;
+* TFLite int8-static (ai-edge-quantizer, global min/max): all-int8 cosine (``--tflite-search``
+  also runs its layer search: about 13 minutes per configuration here);
+* Core ML w8a8 (``--coreml``): the Core ML emitter, activation ranges from ``--coreml-samples``
+  calibration sentences, run through the numpy reference evaluator;
+* host latency on one thread of every ONNX artifact, interleaved (as compile_quality measures it),
+  against the plain fp32 model.
+
+Cosine: per held-out sentence over the whole 128x384 output, the worst sentence ("cos min", what the
+goal checks). Reproduce::
+
+    cd /work/main && .venv/bin/python -m benchmarks.minilm_int8 [--coreml] [--tflite-search] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import compile_quality as cq
+from benchmarks import machine
+
+TARGET = cq.TARGET_COSINE
+
+
+def smooth_module(case: cq.Case, alpha: float, layers: str) -> tuple[Any, dict[str, Any]]:
+    """The case's module after ``quantize.smooth`` calibrated on the case's calibration sentences."""
+    from edgeship.compiler import Dataset, Recipe
+    from edgeship.compiler.passes import run_passes
+
+    recipe = Recipe.from_dict(
+        {"passes": ["quantize.smooth"], "quantize": {"smooth": {"alpha": alpha, "layers": layers}}}
+    )
+    step = recipe.passes[0]
+    working = run_passes(
+        _source(case, case.module), [(step.name, step.settings)], calibration=Dataset(dict(case.calibration))
+    )
+    return working.module, working.history[0]
+
+
+def _source(case: cq.Case, module: Any) -> Any:
+    from edgeship.compiler import from_module
+
+    return from_module(
+        module,
+        tuple(case.evaluation[k][:1] for k in case.input_names),
+        input_names=case.input_names,
+        output_names=[case.output_name],
+    )
+
+
+def build_rows(
+    case: cq.Case, config: str, module: Any, work: Path, args: argparse.Namespace, say: Callable[[str], None]
+) -> list[cq.Row]:
+    """Every artifact of one configuration (plain or smoothed), not yet measured."""
+    import torch
+
+    from edgeship.compiler import sensitivity
+    from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32
+    from edgeship.compiler.emitters.tflite import _convert
+
+    work.mkdir(parents=True, exist_ok=True)
+    source = _source(case, module)
+    feeds = [case.feed(i, case.calibration) for i in range(len(case.calibration["input_ids"]))]
+    with torch.no_grad():
+        refs = [{case.output_name: module(*(torch.from_numpy(f[k]) for k in case.input_names)).numpy()} for f in feeds]
+    rows: list[cq.Row] = []
+
+    def row(fmt: str, precision: str, route: str, path: Path, t0: float, **extra: Any) -> cq.Row:
+        r = cq.Row(case.name, fmt, precision, config, route, artifact=str(path), compile_s=time.perf_counter() - t0)
+        r.size_bytes = cq.artifact_bytes(path)
+        for k, v in extra.items():
+            setattr(r, k, v)
+        rows.append(r)
+        return r
+
+    say(f"  {config}: ONNX export")
+    t0 = time.perf_counter()
+    fp32 = work / "fp32.onnx"
+    export_fp32(source, fp32)
+    _drop_value_info(fp32)
+    row("onnx", "fp32", "torch.onnx", fp32, t0)
+    for precision in ("int8-qdq", "int8-dynamic"):
+        say(f"  {config}: ONNX {precision}")
+        t0 = time.perf_counter()
+        quantizer = sensitivity.OnnxQuantizer(precision, calibration=feeds if precision == "int8-qdq" else None)
+        out = work / f"{precision}.onnx"
+        quantizer(fp32, out, [])
+        row("onnx", precision, "all int8", out, t0)
+        if precision == "int8-dynamic" and not args.search_dynamic:
+            continue
+        say(f"  {config}: ONNX {precision} layer search")
+        t0 = time.perf_counter()
+        found, used = sensitivity.choose(
+            sensitivity.onnx_float_nodes, fp32, quantizer, feeds, refs, TARGET + args.margin, args.max_fraction,
+            args.fallback,
+        )  # fmt: skip
+        mixed = work / f"{precision}-mixed.onnx"
+        quantizer(fp32, mixed, list(found.kept_float))
+        candidates = len(quantizer.candidates(fp32))
+        r = row(
+            "onnx", precision, f"layer search ({used})", mixed, t0, kept_float=list(found.kept_float), fallback=used
+        )
+        r.notes.append(f"set apart {len(found.kept_float)} of {candidates}; {found.summary()}")
+    say(f"  {config}: TFLite convert + int8-static")
+    t0 = time.perf_counter()
+    tfl32 = work / "fp32.tflite"
+    with cq._chatter_to(work / "convert.log"):
+        _convert(source, tfl32, "android-arm64")
+    quantizer_t = sensitivity.TFLiteQuantizer("int8-static", calibration=feeds)
+    static = work / "int8-static.tflite"
+    quantizer_t(tfl32, static, [])
+    row("tflite", "int8-static", "all int8", static, t0)
+    if args.tflite_search:
+        t0 = time.perf_counter()
+        found, used = sensitivity.choose(
+            sensitivity.tflite_float_ops, tfl32, quantizer_t, feeds, refs, TARGET + args.margin, args.max_fraction,
+            args.fallback,
+        )  # fmt: skip
+        mixed = work / "int8-static-mixed.tflite"
+        quantizer_t(tfl32, mixed, list(found.kept_float))
+        candidates = len(quantizer_t.candidates(tfl32))
+        r = row("tflite", "int8-static", f"layer search ({used})", mixed, t0, kept_float=list(found.kept_float))
+        r.notes.append(f"set apart {len(found.kept_float)} of {candidates}; {found.summary()}")
+    if args.coreml:
+        from edgeship.compiler import coreml
+        from edgeship.compiler.coreml.emit import emit_coreml
+
+        coreml.register()
+
+        say(f"  {config}: Core ML w8a8 ({args.coreml_samples} calibration sentences)")
+        t0 = time.perf_counter()
+        path = work / "w8a8.mlpackage"
+        with cq._chatter_to(work / "coreml.log"):
+            emit_coreml(
+                module,
+                tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names),
+                case.input_names,
+                [case.output_name],
+                "w8a8",
+                "iOS17",
+                path,
+                calibration=feeds[: args.coreml_samples],
+            )
+        row("coreml", "w8a8", "coremltools, reference evaluator", path, t0)
+    return rows
+
+
+def table(rows: Sequence[cq.Row], fp32_ms: float | None) -> list[str]:
+    lines = [
+        "| config | format | precision | route | cos min | cos mean | sentence cos min | set apart | ms (1 thread) | x plain fp32 |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        apart = next((n.split(";")[0].removeprefix("set apart ") for n in r.notes if n.startswith("set apart")), "")
+        ratio = f"{r.latency_ms / fp32_ms:.2f}" if r.latency_ms and fp32_ms else ""
+        lines.append(
+            f"| {r.path} | {r.format} | {r.precision} | {r.route} | {cq._fmt(r.cos_min, 4)} | {cq._fmt(r.cos_mean, 4)} "
+            f"| {cq._fmt(r.sentence_cos_min, 4)} | {apart} | {cq._fmt(r.latency_ms, 2)} | {ratio} |"
+            + (f" error: {r.error}" if r.error else "")
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (0..1)")
+    parser.add_argument("--layers", default="layernorm", help="layernorm (Linears fed by a LayerNorm) or all")
+    parser.add_argument("--margin", type=float, default=0.003, help="layer search target = 0.995 + margin")
+    parser.add_argument("--max-fraction", type=float, default=0.5, help="share of layers the search may set apart")
+    parser.add_argument("--coreml", action="store_true", help="also Core ML w8a8 through the reference evaluator")
+    parser.add_argument("--coreml-samples", type=int, default=64)
+    parser.add_argument("--tflite-search", action="store_true", help="also the TFLite int8-static layer search (slow)")
+    parser.add_argument("--search-dynamic", action="store_true", help="also the ONNX int8-dynamic layer search")
+    parser.add_argument("--fallback", default="weight-only", help="layers set apart: weight-only, float or auto")
+    parser.add_argument("--only", choices=("plain", "smoothed"), help="build one configuration")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of interleaved ONNX latency")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    machine.single_thread_env()
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="minilm-int8-"))
+    say(f"machine: {machine.describe()}; work in {work}")
+    case = cq.minilm_case()
+    rows: list[cq.Row] = []
+    entry: dict[str, Any] | None = None
+    # Smoothed first: its figures are the new ones; each configuration is measured and printed as it ends.
+    for config in ("smoothed", "plain"):
+        if args.only and config != args.only:
+            continue
+        module = case.module
+        if config == "smoothed":
+            module, entry = smooth_module(case, args.alpha, args.layers)
+            say(f"  smoothed {entry['layers']} Linears; outlier ratio {entry['outlier_ratio_before']} -> "
+                f"{entry['outlier_ratio_after']}; fp32 output change {entry['fp32_output_change']:.1e}")  # fmt: skip
+        with cq._quiet_warnings():
+            built = build_rows(case, config, module, work / config, args, say)
+        cq.measure_quality(case, built, say)
+        rows += built
+        print("\n".join(table(built, None)), flush=True)
+        for r in built:
+            for note in r.notes:
+                print(f"  {r.path} {r.format} {r.precision} {r.route}: {note}", flush=True)
+    cq.measure_latency(case, [r for r in rows if r.format == "onnx"], args.seconds, 0.25, say)
+    fp32 = next((r for r in rows if r.path == "plain" and r.format == "onnx" and r.precision == "fp32"), None)
+    fp32_ms = fp32.latency_ms if fp32 else None
+    print(f"MiniLM static int8, plain vs quantize.smooth (alpha {args.alpha}, layers {args.layers})")
+    print(f"machine: {machine.describe()}")
+    if entry:
+        print(f"smoothing: {entry['layers']} Linears, outlier ratio (max/median channel) {entry['outlier_ratio_before']} "
+              f"-> {entry['outlier_ratio_after']}, fp32 output change {entry['fp32_output_change']:.1e}")  # fmt: skip
+    print("\n".join(table(rows, fp32_ms)))
+    for r in rows:
+        for note in r.notes:
+            print(f"  {r.path} {r.format} {r.precision} {r.route}: {note}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine.describe(), "smoothing": entry, "rows": [r.__dict__ for r in rows]},
+                indent=2,
+                default=str,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The torch side of ``quantize.smooth``: the smoothed Linear and the SmoothQuant scale.
+
+Imported only when the pass runs (it imports torch); ``compiler/passes/smooth.py`` holds the pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class SmoothedLinear(torch.nn.Linear):
+    """``y = linear(x / s, W * s)``: the same function as the Linear it was made from, with the
+    activation outliers of ``x`` divided out per input channel and moved into the weight columns.
+
+    The division is an explicit multiply by ``inv_scale`` in front of the Linear, not folded into the
+    preceding LayerNorm: in a post-LN transformer (BERT, MiniLM) that LayerNorm's output is also the
+    residual branch, so scaling the LayerNorm would change the model. Converters emit the multiply as
+    one elementwise op; static int8 then quantizes the smoothed ``x / s`` at the Linear's input.
+
+    Made by ``SmoothedLinear.of`` from an existing Linear, which keeps its name, parameters and every
+    ``isinstance(m, nn.Linear)`` check.
+    """
+
+    inv_scale: torch.Tensor
+
+    @classmethod
+    def of(cls, linear: torch.nn.Linear, scale: torch.Tensor) -> SmoothedLinear:
+        """Turn ``linear`` (in place) into a ``SmoothedLinear`` with per-input-channel ``scale`` (> 0)."""
+        with torch.no_grad():
+            linear.weight.mul_(scale.to(linear.weight.dtype)[None, :])
+        linear.__class__ = cls
+        linear.register_buffer("inv_scale", (1.0 / scale).to(linear.weight.dtype).clone())
+        return linear  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x * self.inv_scale, self.weight, self.bias)
+
+
+def smoothing_scale(act_max: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel scale ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``.
+
+    ``act_max``: (in_features,) absolute maximum of each input channel over the calibration data;
+    ``weights``: the (out, in_features) weights of every Linear reading that input (Q, K and V read
+    one tensor): ``max|W_j|`` is over all of them. A channel that never activates or has no weight
+    keeps scale 1 (nothing to migrate; a zero would divide by zero). Returns float32, every entry > 0.
+    """
+    w_max = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
+    a = act_max.detach().float()
+    live = (a > 0) & (w_max > 0)
+    scale = a.clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1.0 - alpha)
+    scale = torch.where(live, scale, torch.ones_like(scale)).clamp(min=1e-5, max=1e5)
+    return scale
+
+
+class InputStats:
+    """Forward hooks that record, per Linear, the abs-max of each input channel and which tensor fed
+    it (a LayerNorm's output, and which other Linears read the same tensor).
+
+    Use as a context manager around forward passes in eval mode; ``remove`` runs on exit.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.linears = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n}
+        norms = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+        self.act_max: dict[str, torch.Tensor] = {}
+        #: Linear name -> the LayerNorm whose output it read (first sample), or None.
+        self.fed_by: dict[str, str | None] = {}
+        #: Groups of Linears that read one tensor (first sample), e.g. query/key/value.
+        self.groups: list[list[str]] = []
+        self._sample: dict[int, tuple[Any, list[str]]] = {}
+        self._norm_out: dict[int, str] = {}
+        self._alive: list[Any] = []  # keeps this sample's tensors alive so ``id`` cannot be reused
+        self._first = True
+        self._handles = [m.register_forward_pre_hook(self._linear_hook(n)) for n, m in self.linears.items()]
+        self._handles += [m.register_forward_hook(self._norm_hook(n)) for n, m in norms.items()]
+
+    def _linear_hook(self, name: str) -> Any:
+        def hook(_m: Any, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            flat = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            seen = self.act_max.get(name)
+            self.act_max[name] = flat if seen is None else torch.maximum(seen, flat)
+            if self._first:
+                self._alive.append(x)
+                self.fed_by[name] = self._norm_out.get(id(x))
+                self._sample.setdefault(id(x), (x, []))[1].append(name)
+
+        return hook
+
+    def _norm_hook(self, name: str) -> Any:
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            if self._first:
+                self._alive.append(out)
+                self._norm_out[id(out)] = name
+
+        return hook
+
+    def end_sample(self) -> None:
+        """Call after each forward pass: the grouping is taken from the first one."""
+        if self._first:
+            self.groups = [names for _x, names in self._sample.values()]
+            self._sample.clear()
+            self._norm_out.clear()
+            self._alive.clear()
+            self._first = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def __enter__(self) -> InputStats:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.remove()
+
+
+def outlier_ratio(act_max: torch.Tensor) -> float:
+    """How far the largest input channel stands out: max channel abs-max over the median one."""
+    median = float(act_max.median())
+    return float(act_max.max()) / median if median > 0 else float("inf")
