@@ -227,6 +227,14 @@ class Writer:
             if device in known:
                 state.setdefault(device, {}).update(_status_state(m, now))
         devices = cast(Table, Device.__table__)
+        touched = sorted(set(state) | set(top_seq))
+        if touched and session.get_bind().dialect.name == "postgresql":
+            # Lock the batch's device rows in one order (by id) before the updates below, which go by column
+            # set and would lock them in arrival order: two ingest processes whose batches share devices then
+            # deadlocked, PostgreSQL aborted one after its deadlock_timeout, and the batch was retried.
+            session.execute(
+                select(devices.c.id).where(devices.c.id.in_(touched)).order_by(devices.c.id).with_for_update()
+            )
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for device, values in state.items():
             by_columns.setdefault(tuple(sorted(values)), []).append(
