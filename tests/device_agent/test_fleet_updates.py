@@ -218,9 +218,11 @@ def test_downgrade_only_with_the_fleets_signed_permission(fleet, packages, start
 
 
 def test_cancel_stops_a_deployment_before_activation(fleet, packages, start_agent):
-    agent = start_agent(updates={"bandwidth_kib_s": 1})  # a download that takes minutes
+    agent = start_agent(updates={"bandwidth_kib_s": 1})
     install(fleet, packages, 1)
-    dep = fleet.deploy(fleet.publish(packages(version=2)))
+    # 1 MiB of padding at 1 KiB/s: a download that takes minutes, so the cancel always finds it running (the
+    # bare package is a few KiB, which a loaded machine could finish before the cancel arrived).
+    dep = fleet.deploy(fleet.publish(packages(version=2, padding_mib=1)))
     fleet.wait(lambda: "DOWNLOADING" in fleet.states(dep), "download start")
     fleet.send("dev-1", {"schema": 1, "type": "cancel", "id": "c9", "issued_at": time.time(), "deployment_id": dep})
     end = fleet.wait_end(dep)
