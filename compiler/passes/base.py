@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -102,7 +103,7 @@ class Setting:
     parse: Callable[[Any, str], Any]
 
 
-class Pass:
+class Pass(ABC):
     """Base of every pass. Subclasses set ``name``, ``summary`` and ``settings`` and implement ``run``."""
 
     name: ClassVar[str]
@@ -126,8 +127,9 @@ class Pass:
             out[key] = value if value is None and setting.default is None else setting.parse(value, f"{where}.{key}")
         return out
 
+    @abstractmethod
     def run(self, model: WorkingModel, ctx: PassContext) -> tuple[WorkingModel, dict[str, Any]]:
-        raise NotImplementedError
+        """Transform ``model`` (a copy the pass owns); return it and the pass's report entry."""
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -27,7 +27,6 @@ from edgeship.compiler.passes.base import (
     PassContext,
     Setting,
     WorkingModel,
-    choice,
     count,
     non_negative,
     positive,
@@ -69,10 +68,8 @@ class KnowledgeDistillation(Pass):
         "student_ratio": Setting(0.5, ratio),
         "features": Setting({}, _features),
         "feature_weight": Setting(1.0, non_negative),
+        **training.SCHEDULE,
         "epochs": Setting(10, count(1)),
-        "lr": Setting(1e-3, positive),
-        "optimizer": Setting("adam", choice("adam", "sgd")),
-        "batch_size": Setting(64, count(1)),
     }
 
     def run(self, model: WorkingModel, ctx: PassContext) -> tuple[WorkingModel, dict[str, Any]]:
@@ -151,10 +148,7 @@ class KnowledgeDistillation(Pass):
                 list(student.parameters()) + list(adapters.parameters()),
                 data,
                 loss,
-                epochs=s["epochs"],
-                lr=s["lr"],
-                optimizer=s["optimizer"],
-                batch_size=s["batch_size"],
+                **training.schedule(s),
                 seed=ctx.seed,
                 progress=ctx.progress,
                 what=self.name,

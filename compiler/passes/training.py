@@ -10,7 +10,7 @@ half-trained model, and the compile writes nothing (packages are written only af
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,14 +19,21 @@ from edgeship.compiler.data import Dataset
 from edgeship.compiler.passes.base import Progress, Setting, WorkingModel, choice, count, flag, positive
 from edgeship.errors import UsageError
 
-# The fine-tuning keys prune passes share (distill.kd has the same, with its own defaults).
-FINE_TUNE: dict[str, Setting] = {
-    "fine_tune": Setting(True, flag),
+# The training keys every pass that trains shares (distill.kd with its own number of epochs).
+SCHEDULE: dict[str, Setting] = {
     "epochs": Setting(3, count(1)),
     "lr": Setting(1e-3, positive),
     "optimizer": Setting("adam", choice("adam", "sgd")),
     "batch_size": Setting(64, count(1)),
 }
+# The fine-tuning keys of the prune passes.
+FINE_TUNE: dict[str, Setting] = {"fine_tune": Setting(True, flag), **SCHEDULE}
+
+
+def schedule(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``train`` keyword arguments a pass's configured ``SCHEDULE`` keys give."""
+    return {key: settings[key] for key in SCHEDULE}
+
 
 Loss = Callable[[tuple[Any, ...], Any], Any]  # (inputs, labels or None) -> scalar loss tensor
 
