@@ -50,7 +50,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeship.device_agent import protocol
 from edgeship.device_agent.topics import device_topic
-from edgeship.errors import ConfigError
+from edgeship.errors import ConfigError, EdgeshipError
 
 log = logging.getLogger("edgeship.fleet.simulator")
 
@@ -707,16 +707,47 @@ def with_version(behaviour: Behaviour, version: int, model: ModelBehaviour) -> B
 # --------------------------------------------------------------------------- command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m edgeship.fleet.simulator",
-        description="Run simulated edgeship devices against a broker (and a fleet's TUF metadata).",
-    )
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """The options naming the devices and their broker (``device_passwords`` reads them); shared with
+    ``fleet.telemetry_load``."""
     p.add_argument("--fleet", required=True, help="fleet id (the topics' <fleet>)")
     p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
     p.add_argument("--credentials", help="JSON lines with device_id and password (edgeship fleet import-devices --out)")
     p.add_argument("--devices", type=int, default=100, help="without --credentials: this many anonymous devices")
     p.add_argument("--prefix", default="sim-", help="device id prefix for --devices")
+
+
+def device_passwords(args: argparse.Namespace) -> dict[str, str | None]:
+    """Device id -> broker password: the lines of ``--credentials`` (``edgeship fleet import-devices --out``
+    agent bundles, or ``{"device_id", "password"}``), else ``--devices`` anonymous devices.
+    Raises ``ConfigError`` naming the file and line that is not such a line."""
+    if not args.credentials:
+        return {f"{args.prefix}{i:05d}": None for i in range(args.devices)}
+    devices: dict[str, str | None] = {}
+    try:
+        with open(args.credentials) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    devices[str(row["device_id"])] = row.get("password") or (row.get("broker") or {}).get("password")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ConfigError(
+                        f"{args.credentials}, line {number}: not a device's credentials (a JSON object with "
+                        "device_id, as 'edgeship fleet import-devices --out' writes them)"
+                    ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read --credentials {args.credentials}: {exc.strerror or exc}") from None
+    return devices
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m edgeship.fleet.simulator",
+        description="Run simulated edgeship devices against a broker (and a fleet's TUF metadata).",
+    )
+    add_device_arguments(p)
     p.add_argument("--metadata-url", help="the fleet's TUF metadata URL (package identities); else read from the path")
     p.add_argument("--initial", help="target path of the package every device starts with")
     p.add_argument("--telemetry-s", type=float, default=10.0)
@@ -736,15 +767,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _main(args: argparse.Namespace) -> None:
     host, _, port = args.broker.rpartition(":")
-    if args.credentials:
-        with open(args.credentials) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        # Lines of `edgeship fleet import-devices --out` (the agent bundle) or {"device_id", "password"}.
-        specs = [
-            DeviceSpec(str(r["device_id"]), r.get("password") or (r.get("broker") or {}).get("password")) for r in rows
-        ]
-    else:
-        specs = [DeviceSpec(f"{args.prefix}{i:05d}") for i in range(args.devices)]
+    specs = [DeviceSpec(device, password) for device, password in device_passwords(args).items()]
     behaviour = Behaviour(
         telemetry_s=args.telemetry_s,
         install_s=args.install_s,
@@ -803,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(_main(args))
     except KeyboardInterrupt:
         pass
+    except EdgeshipError as exc:  # a bad --credentials file or option: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

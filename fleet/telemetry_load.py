@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeship.device_agent.topics import device_topic
-from edgeship.errors import UsageError
-from edgeship.fleet.simulator import Behaviour, SimDevice, Simulator
+from edgeship.errors import EdgeshipError, UsageError
+from edgeship.fleet.simulator import Behaviour, SimDevice, Simulator, add_device_arguments, device_passwords
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 12, 13, 14
 
@@ -264,11 +264,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m edgeship.fleet.telemetry_load",
         description="Sustained QoS 1 telemetry from many device sessions (benchmarks); prints JSON lines.",
     )
-    p.add_argument("--fleet", required=True, help="fleet id (the topics' <fleet>)")
-    p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
-    p.add_argument("--credentials", help="JSON lines with device_id and password (edgeship fleet import-devices --out)")
-    p.add_argument("--devices", type=int, default=100, help="without --credentials: this many anonymous devices")
-    p.add_argument("--prefix", default="sim-", help="device id prefix for --devices")
+    add_device_arguments(p)
     p.add_argument("--telemetry-s", type=float, default=2.0, help="each device's interval between messages")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of sending, from when all are connected")
     p.add_argument("--seq-start", type=int, default=0, help="first sequence number (above an earlier run's)")
@@ -277,13 +273,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _main(args: argparse.Namespace) -> None:
     host, _, port = args.broker.rpartition(":")
-    devices: dict[str, str | None]
-    if args.credentials:
-        with open(args.credentials) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        devices = {str(r["device_id"]): r.get("password") or (r.get("broker") or {}).get("password") for r in rows}
-    else:
-        devices = {f"{args.prefix}{i:05d}": None for i in range(args.devices)}
+    devices = device_passwords(args)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < len(devices) + 100:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, len(devices) + 1000), hard))
@@ -316,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         asyncio.run(_main(args))
-    except UsageError as exc:
+    except EdgeshipError as exc:  # a bad --credentials file or option: one line, not a traceback
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -79,3 +79,22 @@ def test_a_device_with_a_wrong_password_is_refused_and_counted(secure_broker: Se
     connected, failed, errors = asyncio.run(run())
     assert (connected, failed) == (1, 1)
     assert errors == ["dev-2: CONNACK reason 0x87"]  # MQTT 5: not authorized (mosquitto, wrong password)
+
+
+def test_a_credentials_file_that_is_not_one_says_which_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "credentials.jsonl"
+    bad.write_text('{"device_id": "d1", "password": "x"}\n\nnot json\n')
+    for module in ("edgeship.fleet.telemetry_load", "edgeship.fleet.simulator"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--fleet", "f1", "--credentials", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+            f"error: {bad}, line 3: not a device's credentials (a JSON object with device_id, as "
+            "'edgeship fleet import-devices --out' writes them)"
+        ], (module, result.stderr)
