@@ -167,20 +167,10 @@ def digits_32() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def train(x: np.ndarray, y: np.ndarray, epochs: int = 12, seed: int = 0) -> Any:
     import torch
 
+    from examples.digits import fit
+
     torch.manual_seed(seed)
-    model = mobilenet_style()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit(mobilenet_style(), x, y, epochs=epochs, seed=seed)
 
 
 def build_model(

@@ -110,20 +110,12 @@ def cnn(widths: tuple[int, int]) -> Any:
 def train(model: Any, x: Array, y: Array, epochs: int, seed: int, say: Callable[[str], None]) -> Any:
     import torch
 
+    from examples.digits import fit
+
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-        say(f"  teacher epoch {epoch + 1}/{epochs}")
-    return model.eval()
+    return fit(
+        model, x, y, epochs=epochs, seed=seed, lr=2e-3, each_epoch=lambda e: say(f"  teacher epoch {e + 1}/{epochs}")
+    )
 
 
 def accuracy(model: Any, x: Array, y: Array) -> float:

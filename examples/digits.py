@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,24 +54,44 @@ def build(width: int = 16):
     )
 
 
-def train(width: int = 16, epochs: int = 15, seed: int = 0) -> Digits:
-    """Train the CNN deterministically; returns the model in eval mode with its test accuracy."""
+def fit(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 3e-3,
+    each_epoch: Callable[[int], None] | None = None,
+) -> Any:
+    """Train a classifier with Adam and cross-entropy in shuffled batches of 64, deterministically for
+    ``seed`` (the shuffling; seed torch before building the model for its initial weights); returns it
+    in eval mode. Shared by the demo, the compiler benchmarks and the passes' tests."""
     import torch
 
-    torch.manual_seed(seed)
-    x_train, x_test, y_train, y_test = load_data()
-    model = build(width)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    model.train()
+    for epoch in range(epochs):
         perm = torch.randperm(len(xt), generator=gen)
         for i in range(0, len(xt), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
-    model.eval()
+        if each_epoch is not None:
+            each_epoch(epoch)
+    return model.eval()
+
+
+def train(width: int = 16, epochs: int = 15, seed: int = 0) -> Digits:
+    """Train the CNN deterministically; returns the model in eval mode with its test accuracy."""
+    import torch
+
+    torch.manual_seed(seed)
+    x_train, x_test, y_train, y_test = load_data()
+    model = fit(build(width), x_train, y_train, epochs=epochs, seed=seed)
     with torch.no_grad():
         acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
     return Digits(model, x_train, y_train, x_test, y_test, acc)

@@ -50,19 +50,10 @@ def trained(digits: Any) -> Any:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    from examples.digits import fit
+
     x_train, _x_test, y_train, _y_test = digits
-    model = build()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit(build(), x_train, y_train, epochs=10)
 
 
 @pytest.fixture
