@@ -105,6 +105,11 @@ class Counts:
     connect_failed: int = 0
     dropped: int = 0
     errors: list[str] = field(default_factory=list)
+    """The first ten problems, as examples (the counts above say how many)."""
+
+    def error(self, why: str) -> None:
+        if len(self.errors) < 10:
+            self.errors.append(why)
 
 
 class _Session(asyncio.Protocol):
@@ -147,8 +152,7 @@ class _Session(asyncio.Protocol):
                 self._fail(f"broker disconnected (reason {body[0] if body else 0:#x})")
 
     def _fail(self, why: str) -> None:
-        if len(self.counts.errors) < 10:
-            self.counts.errors.append(why)
+        self.counts.error(why)
         if self.transport is not None:
             self.transport.close()
 
@@ -193,8 +197,7 @@ class TelemetryLoad:
                 _, session = await loop.create_connection(lambda: _Session(self.counts), self.host, self.port)
             except OSError as exc:
                 self.counts.connect_failed += 1
-                if len(self.counts.errors) < 10:
-                    self.counts.errors.append(f"{device.id}: {exc}")
+                self.counts.error(f"{device.id}: {exc}")
                 return None
             assert session.transport is not None
             username = device.id if device.password is not None else None
@@ -202,8 +205,7 @@ class TelemetryLoad:
             reason = await asyncio.wait_for(session.connack, 60)
         if reason != 0:
             self.counts.connect_failed += 1
-            if len(self.counts.errors) < 10:
-                self.counts.errors.append(f"{device.id}: CONNACK reason {reason:#x}")
+            self.counts.error(f"{device.id}: CONNACK reason {reason:#x}")
             return None
         self.counts.connected += 1
         return session
