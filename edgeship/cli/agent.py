@@ -302,14 +302,19 @@ def systemd_unit(
         "/etc/edgeship/agent.yaml", "--config", help="Config path the unit passes to the agent."
     ),
     user: str = typer.Option("edgeship", "--user", help="The dedicated, non-root user the agent runs as."),
-    python: str = typer.Option(sys.executable, "--python", help="The Python that has edgeship installed."),
+    python: str = typer.Option(
+        "",
+        "--python",
+        help="The Python that has edgeship installed.",
+        show_default="the Python running this command",
+    ),
     data_dir: str = typer.Option("/var/lib/edgeship-agent", "--data-dir", help="The agent's data_dir."),
     gpu: bool = typer.Option(False, "--gpu", help="Keep /dev visible (Jetson GPU, TensorRT)."),
 ) -> None:
     """Print a hardened systemd unit (Type=notify, watchdog, Restart=always) for the agent."""
     from edgeship.device_agent.systemd import unit_file
 
-    sys.stdout.write(unit_file(python=python, config=config, user=user, data_dir=data_dir, gpu=gpu))
+    sys.stdout.write(unit_file(python=python or sys.executable, config=config, user=user, data_dir=data_dir, gpu=gpu))
 
 
 __all__ = ["EdgeshipError", "app"]
