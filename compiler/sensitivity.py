@@ -279,7 +279,14 @@ class OnnxQuantizer:
             }[self.calibration_method],
             op_types_to_quantize=list(self.op_types),
             nodes_to_exclude=excluded,
-            extra_options={"ActivationSymmetric": True} if self.symmetric_activations else None,
+            extra_options={
+                # Q/DQ on MatMul/Gemm inputs only (ORT's default also quantizes their outputs,
+                # TensorRT's guidance places Q/DQ on inputs; the MatMul still computes in int8).
+                # On MiniLM the output pairs alone took the worst held-out sentence from 0.956
+                # to 0.775: a residual stream or attention score rounded to 8 bits again.
+                "OpTypesToExcludeOutputQuantization": [t for t in self.op_types if t in ("MatMul", "Gemm")],
+                "ActivationSymmetric": self.symmetric_activations,
+            },
             calibration_cache_path=cache,
         )
 

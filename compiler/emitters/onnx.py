@@ -2,9 +2,10 @@
 
 Precisions: ``fp32``; ``fp16`` (onnxruntime.transformers.float16, float32 I/O kept: on x86 CPU
 ORT casts back to fp32, so expect no speed-up there); ``int8-dynamic`` (per-channel int8 weights,
-activations quantized at run time: what holds for transformers); ``int8-qdq`` (static Q/DQ,
-per-channel, calibrated; for CNNs: a transformer's static Q/DQ collapses, measured cos 0.07 on
-MiniLM). Choose per model: the validation report shows what each does to accuracy.
+activations quantized at run time); ``int8-qdq`` (static Q/DQ, per-channel weights, calibrated
+activations on the inputs of Conv/MatMul/Gemm; MatMul/Gemm outputs stay float, which is what lets
+a transformer hold: MiniLM's worst held-out sentence 0.80 with output pairs, 0.95 without).
+Choose per model, or give a budget: the validation report shows what each does to accuracy.
 """
 
 from __future__ import annotations
