@@ -38,7 +38,7 @@ from benchmarks import machine
 TARGET = cq.TARGET_COSINE
 
 
-def smooth_module(case: cq.Case, alpha: float, layers: str) -> tuple[Any, dict[str, Any]]:
+def smooth_module(case: cq.Case, alpha: float | str, layers: str) -> tuple[Any, dict[str, Any]]:
     """The case's module after ``quantize.smooth`` calibrated on the case's calibration sentences."""
     from edgeship.compiler import Dataset, Recipe
     from edgeship.compiler.passes import run_passes
@@ -179,10 +179,17 @@ def table(rows: Sequence[cq.Row], fp32_ms: float | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (0..1)")
+    parser.add_argument(
+        "--alpha",
+        type=lambda v: v if v == "auto" else float(v),
+        default=None,
+        help="SmoothQuant migration strength (0..1, or auto); default: the pass's",
+    )
     parser.add_argument("--layers", default="layernorm", help="layernorm (Linears fed by a LayerNorm) or all")
-    parser.add_argument("--margin", type=float, default=0.003, help="layer search target = 0.995 + margin")
-    parser.add_argument("--max-fraction", type=float, default=0.5, help="share of layers the search may set apart")
+    parser.add_argument("--margin", type=float, default=0.001, help="layer search target = 0.995 + margin")
+    parser.add_argument(
+        "--max-fraction", type=float, default=0.10, help="share of layers the search may set apart (the goal: 10 %%)"
+    )
     parser.add_argument("--coreml", action="store_true", help="also Core ML w8a8 through the reference evaluator")
     parser.add_argument("--coreml-samples", type=int, default=64)
     parser.add_argument("--tflite-search", action="store_true", help="also the TFLite int8-static layer search (slow)")
@@ -193,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
+    if args.alpha is None:
+        from edgeship.compiler.passes import get
+
+        args.alpha = get("quantize.smooth").settings["alpha"].default
     machine.single_thread_env()
     import torch
 

@@ -13,13 +13,14 @@ absorbs most of it). ``max|X_j|`` comes from the calibration data (forward hooks
 Linears read one tensor (query, key and value read one LayerNorm's output) ``max|W_j|`` is the
 maximum over all of them, so they share one scale.
 
-The division is an explicit elementwise multiply in front of each smoothed Linear
-(``smooth_layers.SmoothedLinear``), not folded into the preceding LayerNorm as SmoothQuant does for
-pre-LN models (OPT, LLaMA): in post-LN models (BERT, MiniLM) the LayerNorm's output is also the
-residual branch, and scaling the LayerNorm changes the model. The fp32 function is unchanged (checked
-on a calibration sample after smoothing; tested to 1e-5 on BERT). Runtimes that quantize only the
-inputs of matrix multiplies (ONNX Runtime Q/DQ, TensorRT Q/DQ, Core ML w8a8) see the smoothed tensor;
-a fully int8 TFLite graph also quantizes the multiply's own input, where the outliers still are.
+``alpha`` (the migration strength) defaults to 0.75: on all-MiniLM-L6-v2 with ONNX Runtime static
+int8 the worst held-out sentence was 0.9785 at 0.5 (SmoothQuant's general default), 0.9821 at 0.6,
+0.9849 at 0.75 and 0.9779 at 0.9 (on a small BERT with outlier channels every value from 0.5 to
+0.9 did equally well). ``alpha: auto`` chooses it per input instead: of ``ALPHA_GRID`` (or no
+smoothing), the one whose int8 rounding (input per tensor, weights per output channel) changes
+the Linears' outputs least on rows sampled from the calibration data. That proxy cuts each
+input's own rounding error about tenfold but judges each Linear alone; on MiniLM it chose 0.8-0.9
+and gave 0.9827: better than 0.5, not as good as 0.75.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def layer_scope(value: Any, where: str) -> str | list[str]:
     )
 
 
+def alpha_value(value: Any, where: str) -> float | str:
+    """``auto`` (chosen per input, see ``smooth_layers.choose_alpha``) or a number in 0..1."""
+    if value == "auto":
+        return "auto"
+    try:
+        return unit(value, where)
+    except UsageError:
+        raise UsageError(f"{where} must be 'auto' or a number in 0..1, not {value!r}") from None
+
+
 def applies_to(module: Any) -> bool:
     """Whether ``module`` looks like a transformer this pass smooths by default (has a LayerNorm and
     a Linear). Cheap: looks at the module types only, not at what feeds what."""
@@ -61,7 +72,7 @@ class Smooth(Pass):
     name = "quantize.smooth"
     summary = "SmoothQuant: move activation outliers of Linear inputs into their weights (fp32 function unchanged)"
     settings: ClassVar[dict[str, Setting]] = {
-        "alpha": Setting(0.5, unit),
+        "alpha": Setting(0.75, alpha_value),
         "layers": Setting("layernorm", layer_scope),
         "samples": Setting(128, count(1)),
     }
@@ -70,7 +81,13 @@ class Smooth(Pass):
         import torch
 
         from edgeship.compiler.passes import training
-        from edgeship.compiler.passes.smooth_layers import InputStats, SmoothedLinear, outlier_ratio, smoothing_scale
+        from edgeship.compiler.passes.smooth_layers import (
+            InputStats,
+            SmoothedLinear,
+            choose_alpha,
+            outlier_ratio,
+            smoothing_scale,
+        )
 
         s = ctx.settings
         started = time.perf_counter()
@@ -87,7 +104,8 @@ class Smooth(Pass):
         batch = 1 if first and first[0] is not None else 32
         probe = model.inputs_of(next(data.batches(batch)))
         with torch.no_grad():
-            with InputStats(module) as stats:
+            auto = s["alpha"] == "auto"
+            with InputStats(module, rows_per_call=16 if auto else 0, max_rows=2048) as stats:
                 for feed in data.batches(batch):
                     module(*model.inputs_of(feed))
                     stats.end_sample()
@@ -98,19 +116,29 @@ class Smooth(Pass):
         grouped = {n for g in groups for n in g}
         groups += [[n] for n in chosen if n not in grouped]  # a Linear never called: nothing measured
         ratios_before, ratios_after, smoothed = [], [], []
+        alphas: dict[str, float | None] = {}
+        errors: list[tuple[float, float]] = []  # (unsmoothed, chosen) relative int8 error per input
         for group in groups:
             act = stats.act_max.get(group[0])
             if act is None:
                 continue
             for other in group[1:]:
                 act = torch.maximum(act, stats.act_max[other])
-            scale = smoothing_scale(act, [stats.linears[n].weight for n in group], s["alpha"])
+            weights = [stats.linears[n].weight for n in group]
+            alpha = s["alpha"]
+            if alpha == "auto":
+                alpha, chosen_error, plain_error = choose_alpha(torch.cat(stats.rows[group[0]]), act, weights)
+                alphas[group[0]] = alpha
+                errors.append((plain_error, chosen_error))
+                if alpha is None:
+                    continue  # smoothing this input makes its int8 rounding worse: leave it
+            scale = smoothing_scale(act, weights, alpha)
             ratios_before.append(outlier_ratio(act))
             ratios_after.append(outlier_ratio(act / scale))
             for name in group:
                 SmoothedLinear.of(stats.linears[name], scale)
                 smoothed.append(name)
-        if not smoothed:
+        if not smoothed and not alphas:
             raise UsageError(f"{self.name}: none of the chosen Linear layers ran on the calibration data")
         with torch.no_grad():
             after = training.first_output(module(*probe))
@@ -128,6 +156,15 @@ class Smooth(Pass):
             "groups": groups,
             "outlier_ratio_before": _spread(ratios_before),
             "outlier_ratio_after": _spread(ratios_after),
+            **(
+                {
+                    "alphas": dict(alphas),
+                    "int8_error_before": _spread([e[0] for e in errors], 5),
+                    "int8_error_after": _spread([e[1] for e in errors], 5),
+                }
+                if alphas
+                else {}
+            ),
             "fp32_output_change": change,
             "seconds": round(time.perf_counter() - started, 2),
             "note": "outlier ratio: largest input channel's abs-max over the median channel's, per smoothed input",
@@ -154,8 +191,8 @@ class Smooth(Pass):
         return list(dict.fromkeys(scope))
 
 
-def _spread(values: list[float]) -> dict[str, float] | None:
+def _spread(values: list[float], digits: int = 2) -> dict[str, float] | None:
     if not values:
         return None
     ordered = sorted(values)
-    return {"max": round(ordered[-1], 2), "median": round(ordered[len(ordered) // 2], 2)}
+    return {"max": round(ordered[-1], digits), "median": round(ordered[len(ordered) // 2], digits)}

@@ -55,6 +55,47 @@ def smoothing_scale(act_max: torch.Tensor, weights: Sequence[torch.Tensor], alph
     return scale
 
 
+#: The migration strengths ``alpha: auto`` chooses from, per input (None: leave it unsmoothed).
+ALPHA_GRID: tuple[float | None, ...] = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _fake_int8(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Round ``x`` to int8 and back: per tensor asymmetric min/max (``axis`` None, a calibrated
+    activation) or symmetric per slice along ``axis`` (a per-channel weight)."""
+    if axis is None:
+        lo, hi = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
+        step = max(hi - lo, 1e-12) / 255.0
+        zero = round(-lo / step) - 128
+        return ((x / step).round() + zero).clamp(-128, 127).sub(zero).mul(step)
+    steps = x.abs().amax(dim=axis, keepdim=True).clamp(min=1e-12) / 127.0
+    return (x / steps).round().clamp(-127, 127).mul(steps)
+
+
+def choose_alpha(
+    rows: torch.Tensor, act_max: torch.Tensor, weights: Sequence[torch.Tensor]
+) -> tuple[float | None, float, float]:
+    """The migration strength for one input: the ``ALPHA_GRID`` entry whose int8 rounding of the
+    smoothed input (per tensor) and weights (per output channel) changes the Linears' outputs least
+    on ``rows`` (sampled calibration inputs, (n, in_features)), relative to their float outputs.
+    Returns (alpha or None for no smoothing, that relative error, the error unsmoothed)."""
+    x = rows.float()
+    exact = [x @ w.detach().float().T for w in weights]
+    norm = sum(float(y.pow(2).sum()) for y in exact) or 1.0
+    errors: dict[float | None, float] = {}
+    for alpha in ALPHA_GRID:
+        scale = (
+            torch.ones_like(act_max, dtype=torch.float32) if alpha is None else smoothing_scale(act_max, weights, alpha)
+        )
+        xq = _fake_int8(x / scale, None)
+        err = 0.0
+        for w, y in zip(weights, exact):
+            wq = _fake_int8(w.detach().float() * scale[None, :], 1)
+            err += float((xq @ wq.T - y).pow(2).sum())
+        errors[alpha] = err / norm
+    best = min(errors, key=lambda a: errors[a])
+    return best, errors[best], errors[None]
+
+
 class InputStats:
     """Forward hooks that record, per Linear, the abs-max of each input channel and which tensor fed
     it (a LayerNorm's output, and which other Linears read the same tensor).
@@ -62,8 +103,11 @@ class InputStats:
     Use as a context manager around forward passes in eval mode; ``remove`` runs on exit.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, rows_per_call: int = 0, max_rows: int = 0) -> None:
         self.linears = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n}
+        #: Linear name -> up to ``max_rows`` input rows, ``rows_per_call`` evenly spaced from each call.
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self._rows_per_call, self._max_rows = rows_per_call, max_rows
         norms = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
         self.act_max: dict[str, torch.Tensor] = {}
         #: Linear name -> the LayerNorm whose output it read (first sample), or None.
@@ -83,6 +127,12 @@ class InputStats:
             flat = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             seen = self.act_max.get(name)
             self.act_max[name] = flat if seen is None else torch.maximum(seen, flat)
+            if self._rows_per_call:
+                kept = self.rows.setdefault(name, [])
+                if sum(len(r) for r in kept) < self._max_rows:
+                    rows = x.detach().reshape(-1, x.shape[-1])
+                    step = max(1, len(rows) // self._rows_per_call)
+                    kept.append(rows[::step][: self._rows_per_call].float().clone())
             if self._first:
                 self._alive.append(x)
                 self.fed_by[name] = self._norm_out.get(id(x))

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgeship.compiler import Dataset, Recipe, from_module  # noqa: E402
 from edgeship.compiler.passes import run_passes  # noqa: E402
-from edgeship.compiler.passes.smooth_layers import SmoothedLinear, smoothing_scale  # noqa: E402
+from edgeship.compiler.passes.smooth_layers import ALPHA_GRID, SmoothedLinear, choose_alpha, smoothing_scale  # noqa: E402
 from edgeship.errors import UsageError  # noqa: E402
 
 SEQ, VOCAB = 16, 100
@@ -95,7 +95,7 @@ def test_smoothing_keeps_bert_outputs_and_flattens_layernorm_outliers():
     args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
     with torch.no_grad():
         want = module(*args)
-        out, entry = smoothed(module)
+        out, entry = smoothed(module, alpha=0.5)
         got = out(*args)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
     # Q/K/V read one LayerNorm output and share one scale; the FFN input reads the other LayerNorm.
@@ -111,6 +111,45 @@ def test_smoothing_keeps_bert_outputs_and_flattens_layernorm_outliers():
     assert not any(isinstance(m, SmoothedLinear) for m in module.modules())
 
 
+def test_auto_alpha_picks_the_strength_that_rounds_least_and_never_worse_than_none():
+    torch.manual_seed(0)
+    w = torch.randn(24, 16) * 0.1
+    rows = torch.randn(512, 16)
+    rows[:, 3] *= 40.0  # one outlier channel: per-tensor int8 rounds the other 15 away
+    alpha, chosen, plain = choose_alpha(rows, rows.abs().amax(0), [w])
+    assert alpha is not None and alpha in ALPHA_GRID and chosen < plain / 4, (alpha, chosen, plain)
+    # Each grid entry measured by hand: the chosen one is the least error of them all.
+    for other in (a for a in ALPHA_GRID if a is not None):
+        scale = smoothing_scale(rows.abs().amax(0), [w], other)
+        wq_err = choose_alpha_error(rows, w, scale)
+        assert chosen <= wq_err * (1 + 1e-5)
+    # Flat inputs: smoothing has nothing to win; the answer is never worse than leaving the input be.
+    flat = torch.randn(512, 16)
+    alpha, chosen, plain = choose_alpha(flat, flat.abs().amax(0), [w])
+    assert chosen <= plain
+
+
+def choose_alpha_error(rows: Any, w: Any, scale: Any) -> float:
+    from edgeship.compiler.passes.smooth_layers import _fake_int8
+
+    y = rows @ w.T
+    got = _fake_int8(rows / scale, None) @ _fake_int8(w * scale[None, :], 1).T
+    return float((got - y).pow(2).sum() / y.pow(2).sum())
+
+
+def test_auto_alpha_records_its_choice_and_keeps_the_function():
+    module = tiny_bert(outliers=25.0)
+    feed = tokens(4, 7)
+    args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
+    with torch.no_grad():
+        out, entry = smoothed(module)  # default: alpha auto
+        assert float((out(*args) - module(*args)).abs().max() / module(*args).abs().max()) < 1e-5
+    assert entry["settings"]["alpha"] == "auto"
+    assert len(entry["alphas"]) == 4 and all(a is None or a in ALPHA_GRID for a in entry["alphas"].values())
+    assert entry["layers"] == sum(3 if "query" in k else 1 for k, a in entry["alphas"].items() if a is not None)
+    assert entry["int8_error_after"]["max"] <= entry["int8_error_before"]["max"]
+
+
 def test_smoothing_every_linear_keeps_outputs_too():
     module = tiny_bert()
     out, entry = smoothed(module, layers="all", alpha=0.8)
@@ -123,7 +162,7 @@ def test_smoothing_every_linear_keeps_outputs_too():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True])
 def test_alpha_outside_0_1_is_refused(bad):
-    with pytest.raises(UsageError, match=r"quantize.smooth.alpha must be a number in 0..1"):
+    with pytest.raises(UsageError, match=r"quantize.smooth.alpha must be 'auto' or a number in 0..1"):
         Recipe.from_dict({"passes": ["quantize.smooth"], "quantize": {"smooth": {"alpha": bad}}})
 
 
