@@ -199,5 +199,48 @@ def test_int8_that_loses_points_is_passed_over_for_the_cheapest_candidate_within
     assert found.winner is not None and found.winner.candidate.kind == "mixed"
     assert found.winner.candidate.precision == "int8-dynamic"
     assert found.trials[0].misses == ("accuracy drop 56.94 > 0.5 points",)
-    assert "4 cheaper candidate(s) missed it" in found.reason and "accuracy drop 0.28 points" in found.reason
-    assert "fp16" not in asked and [c.name for c in found.skipped] == ["fp16", "fp32"]
+    # int8-dynamic's PTQ came nearer (3.89 points) than int8-qdq's best (25.56, percentile), so its
+    # layer search goes first; int8-qdq's would have started from the percentile calibration.
+    assert "3 cheaper candidate(s) missed it" in found.reason and "accuracy drop 0.28 points" in found.reason
+    assert "fp16" not in asked and [c.name for c in found.skipped] == [
+        "int8-qdq mixed (percentile calibration, layer search to cosine 0.995)",
+        "fp16",
+        "fp32",
+    ]
+
+
+def test_mixed_candidates_start_from_the_closest_ptq_of_their_precision_nearest_first():
+    cands = bs.candidates(
+        ("int8-qdq", "int8-dynamic", "fp16"),
+        layer_search=("int8-qdq", "int8-dynamic"),
+        mixed_cosine=0.996,
+        smoothing=bs.ACTIVATION_QUANTIZED,
+    )
+    cosines = {
+        "int8-qdq": 0.80,
+        "int8-dynamic": 0.97,
+        "int8-qdq (smoothed PTQ)": 0.99,  # nearest of all: its layer search goes first, on the smoothed model
+        "int8-dynamic (smoothed PTQ)": 0.96,  # worse than plain: int8-dynamic's search starts from plain
+        "int8-qdq mixed (smoothed, layer search to cosine 0.996)": 0.994,
+        "int8-dynamic mixed (layer search to cosine 0.996)": 0.9955,
+        "fp16": 1.0,
+    }
+    evaluate, asked = _fake({n: bs.CandidateResult(1000, cosine=c) for n, c in cosines.items()})
+    found = bs.search(cands, evaluate, bs.Budget(min_cosine=0.995))
+    assert asked == list(cosines)[:-1]  # fp16 not built: a mixed candidate held
+    assert (
+        found.winner is not None and found.winner.candidate.name == "int8-dynamic mixed (layer search to cosine 0.996)"
+    )
+    qdq_mixed = found.trials[4].candidate
+    assert (qdq_mixed.smoothed, qdq_mixed.calibration, qdq_mixed.min_cosine) == (True, None, 0.996)
+    # A precision whose PTQ was never built (an error) keeps its place after those that were.
+    failing = {**{n: bs.CandidateResult(1000, cosine=c) for n, c in cosines.items()}}
+    failing["int8-qdq"] = failing["int8-qdq (smoothed PTQ)"] = bs.CandidateResult(0, error="crash")
+    evaluate, asked = _fake(
+        failing | {"int8-qdq mixed (layer search to cosine 0.996)": bs.CandidateResult(1000, cosine=0.5)}
+    )
+    bs.search(cands, evaluate, bs.Budget(min_cosine=0.999))
+    assert asked[4:6] == [
+        "int8-dynamic mixed (layer search to cosine 0.996)",
+        "int8-qdq mixed (layer search to cosine 0.996)",
+    ]
