@@ -145,7 +145,7 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 def _builtins() -> None:
     # Importing the modules registers their passes; they import torch only when a pass runs.
-    from edgeship.compiler.passes import distill, prune, smooth, sparse24  # noqa: F401
+    from edgeship.compiler.passes import distill, prune, qat, smooth, sparse24  # noqa: F401
 
 
 def names() -> list[str]:

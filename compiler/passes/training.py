@@ -64,11 +64,17 @@ def train(
     progress: Progress,
     what: str,
     modules: tuple[Any, ...] = (),
+    eval_mode: bool = False,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``epochs`` of ``loss`` over ``data`` updating ``parameters``; returns a JSON-safe summary.
 
-    ``modules`` (besides ``model.module``) are put in train mode too (feature adapters). Raises
-    ``KeyboardInterrupt`` on Ctrl-C after reporting where it stopped, leaving the caller nothing to use.
+    ``modules`` (besides ``model.module``) are put in train mode too (feature adapters), unless
+    ``eval_mode``: then every module stays in eval mode while its parameters train (no dropout,
+    BatchNorm normalises with its running statistics and keeps them; what ``quantize.qat`` needs
+    to match a frozen teacher). ``after_epoch(epoch)`` runs after each epoch (1-based), for a pass
+    that keeps the best epoch. Raises ``KeyboardInterrupt`` on Ctrl-C after reporting where it
+    stopped, leaving the caller nothing to use.
     """
     import torch
 
@@ -82,7 +88,7 @@ def train(
     started = time.perf_counter()
     losses: list[float] = []
     for mod in (model.module, *modules):
-        mod.train()
+        mod.train(not eval_mode)
     try:
         for epoch in range(1, epochs + 1):
             total, seen = 0.0, 0
@@ -100,6 +106,8 @@ def train(
                 seen += n
             losses.append(total / max(seen, 1))
             progress(f"{what}: epoch {epoch}/{epochs}, loss {losses[-1]:.4f}")
+            if after_epoch is not None:
+                after_epoch(epoch)
     except KeyboardInterrupt:
         progress(f"{what}: interrupted in epoch {len(losses) + 1}/{epochs}; nothing is written")
         raise
@@ -149,6 +157,7 @@ def size(model: WorkingModel, module: Any) -> dict[str, int]:
     return {"params": int(params), "macs": int(macs)}
 
 
-def labels_needed(data: Dataset, what: str, fix: str) -> None:
+def labels_needed(data: Dataset, what: str, fix: str, kind: str = "training", option: str = "--train") -> None:
+    """Raise ``UsageError`` when ``data`` (the ``kind`` data, given with ``option``) has no labels."""
     if data.labels is None:
-        raise UsageError(f"{what} needs labels in the training data ('labels' array in the --train .npz); {fix}")
+        raise UsageError(f"{what} needs labels in the {kind} data ('labels' array in the {option} .npz); {fix}")
