@@ -142,7 +142,7 @@ def test_auto_alpha_records_its_choice_and_keeps_the_function():
     feed = tokens(4, 7)
     args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
     with torch.no_grad():
-        out, entry = smoothed(module)  # default: alpha auto
+        out, entry = smoothed(module, alpha="auto")
         assert float((out(*args) - module(*args)).abs().max() / module(*args).abs().max()) < 1e-5
     assert entry["settings"]["alpha"] == "auto"
     assert len(entry["alphas"]) == 4 and all(a is None or a in ALPHA_GRID for a in entry["alphas"].values())
