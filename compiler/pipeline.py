@@ -194,6 +194,7 @@ def compile_model(
     searched = _searched_targets(targets, recipe, budget, calib)
     results: list[VariantResult] = []
     searches: dict[str, dict[str, Any]] = {}
+    ctx.training = training
     ctx.root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
     ctx.cache = ConversionCache(ctx.root / ".fp32-cache")
     try:
@@ -258,6 +259,8 @@ class _Build:
     root: Path = Path()
     #: The working model's fp32 conversions, shared by every variant and search candidate.
     cache: ConversionCache | None = None
+    #: Training data (``--train``) for a pass the budget search runs (``quantize.qat``).
+    training: datasets.Dataset | None = None
 
 
 @dataclass
@@ -437,10 +440,12 @@ def search_target(
         layer_search=emitter.layer_search,
         mixed_cosine=mixed,
         smoothing=search_budget.ACTIVATION_QUANTIZED if _smoothable(ctx, recipe) else (),
+        qat=search_budget.STATIC_ACTIVATIONS if _trainable(ctx, recipe) else (),
     )
     built: dict[str, tuple[VariantResult, _Built | None, Recipe, _Build]] = {}
     seconds: dict[str, float] = {}
-    smoothed: list[tuple[_Build, Recipe] | str] = []  # computed once, for the first smoothed candidate
+    # The model after quantize.smooth / quantize.qat: computed once, for the first candidate needing it.
+    with_pass: dict[str, tuple[_Build, Recipe] | str] = {}
 
     def evaluate(candidate: search_budget.Candidate) -> search_budget.CandidateResult:
         ctx.say(f"{profile.name}: budget search, candidate {candidate.name}")
@@ -451,13 +456,17 @@ def search_target(
             quantize=dataclasses.replace(recipe.quantize, min_cosine=candidate.min_cosine),
         )
         build_ctx = ctx
+        extra = "quantize.qat" if candidate.kind == "qat" else None
         if candidate.kind == "smoothed" or candidate.smoothed:
-            if not smoothed:
-                smoothed.append(_smooth(ctx, recipe))
-            if isinstance(smoothed[0], str):
-                return search_budget.CandidateResult(0, error=smoothed[0])
-            build_ctx, with_pass = smoothed[0]
-            variant_recipe = dataclasses.replace(variant_recipe, passes=with_pass.passes)
+            extra = "quantize.smooth"
+        if extra is not None:
+            if extra not in with_pass:
+                with_pass[extra] = _with_pass(ctx, recipe, extra)
+            made = with_pass[extra]
+            if isinstance(made, str):
+                return search_budget.CandidateResult(0, error=made)
+            build_ctx, passed = made
+            variant_recipe = dataclasses.replace(variant_recipe, passes=passed.passes)
         tag = f"{profile.name}-search-{len(built)}-{candidate.precision}"
         began = time.perf_counter()
         result, artifact = _build(build_ctx, profile, candidate.precision, variant_recipe, tag)
@@ -500,31 +509,41 @@ def _smoothable(ctx: _Build, recipe: Recipe) -> bool:
     return applies_to(ctx.working.module)
 
 
-def _smooth(ctx: _Build, recipe: Recipe) -> tuple[_Build, Recipe] | str:
-    """The build context with the working model smoothed (``quantize.smooth`` at its defaults) and
-    the recipe that lists the pass (so the provenance reproduces the artifact); or why it cannot be."""
+def _trainable(ctx: _Build, recipe: Recipe) -> bool:
+    """Whether the budget search tries QAT: calibration data (the pass distils from the fp32 model,
+    so it needs no labels), a PyTorch model, and a recipe that does not train for int8 already."""
+    return (
+        ctx.calib is not None and ctx.working.kind == "torch" and all(s.name != "quantize.qat" for s in recipe.passes)
+    )
+
+
+def _with_pass(ctx: _Build, recipe: Recipe, name: str) -> tuple[_Build, Recipe] | str:
+    """The build context with the working model after pass ``name`` at its defaults
+    (``quantize.smooth``, ``quantize.qat``) and the recipe that lists the pass (so the provenance
+    reproduces the artifact); or why it cannot be."""
     from edgeship.compiler.passes import get, run_passes
     from edgeship.compiler.recipe import PassStep
 
-    settings = get("quantize.smooth").configure({}, "quantize.smooth")
+    settings = get(name).configure({}, name)
     try:
         working = run_passes(
             ctx.working,
-            [("quantize.smooth", settings)],
+            [(name, settings)],
             calibration=ctx.calib,
+            training=ctx.training,
             seed=recipe.seed + len(recipe.passes),
             progress=ctx.say,
         )
     except UsageError as exc:
         return str(exc)
-    # Its own conversion cache: the compile's holds the conversions of the model before smoothing.
-    smoothed_ctx = dataclasses.replace(
+    # Its own conversion cache: the compile's holds the conversions of the model before the pass.
+    passed_ctx = dataclasses.replace(
         ctx,
         working=working.as_source(),
         passes=[*ctx.passes, *working.history],
-        cache=ConversionCache(ctx.root / ".fp32-cache-smoothed"),
+        cache=ConversionCache(ctx.root / f".fp32-cache-{name}"),
     )
-    return smoothed_ctx, dataclasses.replace(recipe, passes=(*recipe.passes, PassStep("quantize.smooth", settings)))
+    return passed_ctx, dataclasses.replace(recipe, passes=(*recipe.passes, PassStep(name, settings)))
 
 
 def plan_one(source: SourceModel, profile: target_profiles.TargetProfile, precision: str) -> None:

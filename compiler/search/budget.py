@@ -22,7 +22,9 @@ precisions after the ``quantize.smooth`` pass (SmoothQuant), for the precisions 
 activations, when the caller says the model has something to smooth (a transformer); (c) mixed precision: the
 layer search (``compiler/search/layers.py``) sets the most sensitive layers apart until the
 calibration data reaches a cosine, starting from the precision's closest PTQ trial (smoothed or
-another calibration when that came nearer), the precision whose PTQ came nearest first; (d) the float precisions, fp16 before fp32. Float comes last
+another calibration when that came nearer), the precision whose PTQ came nearest first; (c')
+QAT: the static-int8 precisions after the ``quantize.qat`` pass (fine-tuning with int8 fake
+quantization, distilled from the fp32 model), when the caller can train the model; (d) the float precisions, fp16 before fp32. Float comes last
 because it is the largest artifact; it is what holds almost any budget.
 """
 
@@ -52,6 +54,8 @@ PRECISION_ORDER = (
 FLOAT_PRECISIONS = ("fp16", "fp32")
 #: Precisions whose activations are quantized (per tensor): where smoothing outliers can help.
 ACTIVATION_QUANTIZED = ("int8-static", "int8-qdq", "w8a8", "int8-dynamic")
+#: Precisions whose activations have calibrated (static) ranges: what ``quantize.qat`` trains for.
+STATIC_ACTIVATIONS = ("int8-static", "int8-qdq", "w8a8")
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,9 @@ class Candidate:
 
     ``precision``: one of the target's precisions. ``kind``: ``"ptq"`` (post-training quantization,
     or a float precision), ``"calibration"`` (PTQ with ``calibration`` other than the default),
-    ``"smoothed"`` (PTQ of the model after the ``quantize.smooth`` pass) or ``"mixed"`` (the layer
-    search to ``min_cosine`` on calibration data). A mixed candidate starts from its precision's
+    ``"smoothed"`` (PTQ of the model after the ``quantize.smooth`` pass), ``"mixed"`` (the layer
+    search to ``min_cosine`` on calibration data) or ``"qat"`` (PTQ of the model after the
+    ``quantize.qat`` pass). A mixed candidate starts from its precision's
     closest PTQ trial (``search`` sets ``smoothed`` and ``calibration`` from it).
     """
 
@@ -144,6 +149,8 @@ class Candidate:
             return f"{self.precision} ({self.calibration} calibration)"
         if self.kind == "smoothed":
             return f"{self.precision} (smoothed PTQ)"
+        if self.kind == "qat":
+            return f"{self.precision} (QAT)"
         if self.kind == "mixed":
             start = [
                 w
@@ -235,6 +242,7 @@ def candidates(
     layer_search: Sequence[str] = (),
     mixed_cosine: float | None = None,
     smoothing: Sequence[str] = (),
+    qat: Sequence[str] = (),
 ) -> list[Candidate]:
     """The ordered candidate list for a target that offers ``precisions`` (see the module docstring).
 
@@ -242,7 +250,8 @@ def candidates(
     default (e.g. ``{"int8-qdq": ["percentile", "entropy"]}``). ``layer_search``: precisions whose
     emitter runs the layer search; with ``mixed_cosine`` each gets a mixed candidate searching to
     that cosine. ``smoothing``: precisions that get a smoothed-PTQ candidate (after the other
-    calibrations, before mixed precision). Precisions not in ``PRECISION_ORDER`` go after the known quantized ones. Raises
+    calibrations, before mixed precision). ``qat``: precisions that get a QAT candidate (after
+    mixed precision, before the float precisions: it trains, so it is the dearest to build). Precisions not in ``PRECISION_ORDER`` go after the known quantized ones. Raises
     ``UsageError`` for an empty list.
     """
     if not precisions:
@@ -257,6 +266,7 @@ def candidates(
     out += [Candidate(p, "smoothed") for p in quantized if p in smoothing]
     if mixed_cosine is not None:
         out += [Candidate(p, "mixed", min_cosine=mixed_cosine) for p in quantized if p in layer_search]
+    out += [Candidate(p, "qat") for p in quantized if p in qat]
     out += [Candidate(p) for p in ranked if p in FLOAT_PRECISIONS]
     return out
 

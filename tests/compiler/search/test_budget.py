@@ -59,6 +59,14 @@ def test_candidates_go_smallest_first_then_calibrations_then_mixed_then_float():
         "int8-static mixed (layer search to cosine 0.995)",
     ]
     assert "int8-weight-only (smoothed PTQ)" not in [c.name for c in smoothed]  # its activations stay float
+    # QAT (a model that can be trained): after mixed precision, before float; static int8 only.
+    trained = bs.candidates(PRECISIONS, layer_search=["int8-static"], mixed_cosine=0.995, qat=bs.STATIC_ACTIVATIONS)
+    assert [c.name for c in trained][-4:] == [
+        "int8-static mixed (layer search to cosine 0.995)",
+        "int8-static (QAT)",
+        "fp16",
+        "fp32",
+    ]
     # No cosine to search to: no mixed candidates.
     assert [c.kind for c in bs.candidates(PRECISIONS, layer_search=["int8-static"])].count("mixed") == 0
     with pytest.raises(UsageError, match="at least one precision"):
