@@ -212,6 +212,11 @@ class Recipe:
         fraction = _float_or_none(quantize.get("max_float_fraction", 0.25), f"{where}: quantize.max_float_fraction")
         if (min_cosine is not None and min_cosine > 1) or fraction is None or fraction > 1:
             raise UsageError(f"{where}: quantize.min_cosine and quantize.max_float_fraction are numbers in 0..1")
+        if fraction <= 0:
+            raise UsageError(
+                f"{where}: quantize.max_float_fraction is the share of layers the layer search may set apart, in "
+                f"(0, 1], not {fraction}; to keep every layer int8, give no cosine for the search (quantize.min_cosine)"
+            )
         variants: dict[str, tuple[str, ...]] = {}
         for target, precisions in _mapping(top.get("variants", {}), f"{where}: variants", None).items():
             if isinstance(precisions, str):

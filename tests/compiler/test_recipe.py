@@ -35,7 +35,7 @@ recipes = st.builds(
         QuantizeRules,
         global_rule=rules,
         min_cosine=st.none() | unit,
-        max_float_fraction=unit,
+        max_float_fraction=st.floats(0, 1, exclude_min=True),
         fallback=st.sampled_from(["auto", "weight-only", "float"]),
         reduce_range=st.booleans(),
         types=st.dictionaries(names, rules, max_size=3),
@@ -106,3 +106,9 @@ def test_min_cosine_is_one_number_or_per_precision():
 def test_unknown_validation_key_stays_an_error():
     with pytest.raises(UsageError, match=r"validation: unknown key 'min_cosin' \(did you mean 'min_cosine'\?\)"):
         Recipe.from_dict({"validation": {"min_cosin": 0.9}})
+
+
+def test_a_layer_search_that_may_set_nothing_apart_is_refused_when_the_recipe_loads():
+    # It used to load and fail later, inside the emitter, as a candidate that could not be built.
+    with pytest.raises(UsageError, match=r"max_float_fraction is the share of layers .* in \(0, 1\], not 0.0"):
+        Recipe.from_dict({"quantize": {"max_float_fraction": 0.0}})
