@@ -171,18 +171,24 @@ def compile_model(
         )
     batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
     # Passes (prune, distill) change the model: the variants are then held to the model the passes made
-    # (a conversion's fidelity); what the passes themselves cost is in their report entries.
-    working, pass_entries = _run_passes(source, recipe, calib, training, held_out, say)
+    # (a conversion's fidelity); what the passes themselves cost is in their report entries. The
+    # quantize.* passes mean to keep the function: variants are held to the model before them.
+    working, pass_entries, held_to = _run_passes(source, recipe, calib, training, held_out, say)
     if held_out.reference:
         missing = [t.name for t in source.outputs if t.name not in held_out.reference]
         if missing:
             raise UsageError(f"evaluation data has reference outputs but not for {', '.join(missing)}")
         reference = {t.name: held_out.reference[t.name] for t in source.outputs}
     else:
-        say(
-            f"reference outputs of the fp32 {'working model' if pass_entries else 'source'} on {len(held_out)} held-out samples"
+        what = (
+            "source"
+            if held_to is source
+            else "model the passes made"
+            if held_to is working
+            else "model before quantize.*"
         )
-        reference = _reference(working, held_out, batch)
+        say(f"reference outputs of the fp32 {what} on {len(held_out)} held-out samples")
+        reference = _reference(held_to, held_out, batch)
     base_in = calib if calib is not None else held_out
     baseline = compute_baseline(
         {k: [v] for k, v in base_in.inputs.items()}, {k: [v] for k, v in _reference(working, base_in, batch).items()}
@@ -572,6 +578,11 @@ def _wrong_source(target: str, fmt: str, kind: str) -> str:
     )
 
 
+#: Passes that keep the model's function and make int8 lose less. Variants are held to the model
+#: before them: what they change in fp32 (QAT moves the weights) counts against the budget.
+QUANTIZE_PASSES = frozenset({"quantize.smooth", "quantize.qat"})
+
+
 def _run_passes(
     source: SourceModel,
     recipe: Recipe,
@@ -579,24 +590,33 @@ def _run_passes(
     training: datasets.Dataset | None,
     held_out: datasets.Dataset,
     say: Progress,
-) -> tuple[SourceModel, list[dict[str, Any]]]:
-    """The model to emit (the source itself when the recipe lists no passes) and the passes' report entries."""
+) -> tuple[SourceModel, list[dict[str, Any]], SourceModel]:
+    """The model to emit (the source itself when the recipe lists no passes), the passes' report
+    entries, and the model variants are held to: the one after the last pass that is not a
+    ``QUANTIZE_PASSES`` pass (a pruned or distilled model is meant to differ from its source; a
+    smoothed or QAT-trained one is not)."""
     if not recipe.passes:
-        return source, []
+        return source, [], source
     from edgeship.compiler.passes import run_passes
 
     if training is not None:
         training = datasets.check_against(training, source.inputs, "training data")
+    steps = [(step.name, step.settings) for step in recipe.passes]
+    cut = max((i + 1 for i, (name, _) in enumerate(steps) if name not in QUANTIZE_PASSES), default=0)
     working = run_passes(
         source,
-        [(step.name, step.settings) for step in recipe.passes],
+        steps,
         calibration=calib,
         training=training,
         evaluation=held_out,
         seed=recipe.seed,
         progress=say,
+        snapshot_after=cut if 0 < cut < len(steps) else None,
     )
-    return working.as_source(), working.history
+    made = working.as_source()
+    held_to = source if cut == 0 else made if cut == len(steps) else working.snapshot
+    assert held_to is not None
+    return made, working.history, held_to
 
 
 def tflite_runtime_python() -> Path | None:

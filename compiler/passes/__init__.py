@@ -13,6 +13,8 @@ model, entry = get("prune.channels").run(WorkingModel.of(source), PassContext(se
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from typing import Any
 
@@ -30,8 +32,11 @@ def run_passes(
     evaluation: Dataset | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    snapshot_after: int | None = None,
 ) -> WorkingModel:
     """Run ``steps`` ((pass name, validated settings) in order) on a working copy of ``source``.
+
+    ``snapshot_after``: keep a copy of the model as it was after that many steps (``WorkingModel.snapshot``).
 
     Each pass's report entry is appended to the returned model's ``history``. Raises ``UsageError``
     for a source passes cannot transform or data a pass cannot use; Ctrl-C propagates as
@@ -48,6 +53,8 @@ def run_passes(
         entry.setdefault("seconds", round(time.perf_counter() - started, 2))
         entry["seed"] = seed + index
         model.history.append(entry)
+        if snapshot_after == index + 1:
+            model.snapshot = dataclasses.replace(model.source, module=copy.deepcopy(model.module).eval())
     return model
 
 

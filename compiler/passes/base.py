@@ -38,6 +38,8 @@ class WorkingModel:
     source: SourceModel
     module: Any
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: A copy taken part-way (``run_passes(snapshot_after=...)``), as a source for the emitters.
+    snapshot: SourceModel | None = None
 
     @classmethod
     def of(cls, source: SourceModel) -> WorkingModel:

@@ -40,3 +40,53 @@ def test_qat_wins_where_int8_ptq_and_the_layer_search_miss(source: Any, digits: 
     (variant,) = report.variants
     manifest = verify_package(variant.package, trusted_keys=TrustedKeys.of([key.public_key()])).manifest
     assert [s.name for s in Recipe.from_dict(manifest.provenance.recipe).passes] == ["quantize.qat"]
+
+
+def test_variants_are_held_to_the_model_before_quantize_passes_and_after_the_others(
+    source: Any, digits: Any, tmp_path: Any
+) -> None:
+    """QAT moves the weights: an fp32 variant of the QAT model is then measured against the model
+    before the pass (its drift counts), while after a prune pass it is held to the pruned model."""
+    import numpy as np
+    import torch
+
+    from edgeship.compiler.passes import run_passes
+
+    x_train, x_test = digits[0], digits[1]
+    # labels: true keeps the last epoch (without it the pass may keep the weights it started with)
+    calib, held_out = Dataset({"image": x_train[:256]}, labels=digits[2][:256]), Dataset({"image": x_test})
+
+    def fp32_cosine(passes: list[str], settings: dict[str, Any]) -> float:
+        report = compile_model(
+            source,
+            ["linux-x86_64"],
+            tmp_path / "-".join(passes),
+            generate_key(),
+            recipe=Recipe.from_dict(
+                {"name": "cnn", "variants": {"linux-x86_64": ["fp32"]}, "passes": passes, **settings}
+            ),
+            calibration=calib,
+            evaluation=held_out,
+        )
+        (variant,) = report.variants
+        return float(variant.metrics.cosine_min)
+
+    qat = fp32_cosine(["quantize.qat"], {"quantize": {"qat": {"lr": 1e-3, "labels": True}}})
+    # The same pass run by hand: its float model against the source, worst held-out image.
+    steps = [
+        (
+            "quantize.qat",
+            Recipe.from_dict({"passes": ["quantize.qat"], "quantize": {"qat": {"lr": 1e-3, "labels": True}}})
+            .passes[0]
+            .settings,
+        )
+    ]
+    tuned = run_passes(source, steps, calibration=calib).module
+    with torch.no_grad():
+        got, want = tuned(torch.from_numpy(x_test)).numpy(), source.module(torch.from_numpy(x_test)).numpy()
+    by_hand = float(min(np.dot(g, w) / np.linalg.norm(g) / np.linalg.norm(w) for g, w in zip(got, want)))
+    assert by_hand < 1 - 1e-6  # lr 1e-3: the weights really moved
+    assert qat == pytest.approx(by_hand, abs=1e-5)
+    # After a prune pass the fp32 variant is its own model's conversion: cosine ~1.
+    pruned = fp32_cosine(["prune.magnitude"], {"prune": {"magnitude": {"ratio": 0.5, "fine_tune": False}}})
+    assert pruned > 1 - 1e-5
