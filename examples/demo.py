@@ -61,10 +61,9 @@ def compile_version(model: Any, version: int, x_test: np.ndarray) -> None:
     )  # fmt: skip
 
 
-def prune_and_compile(model: Any, digits: Any) -> None:
-    """The recipe's ``passes`` through the Python API (they need the nn.Module): prune.channels at 50 % with
-    fine-tuning on the training set, then the usual compile; the quality gate holds every variant to the
-    pruned model, and the report says what the pass cost."""
+def compile_with_passes(model: Any, digits: Any, recipe: dict[str, Any], out: str) -> tuple[Any, dict[str, Any]]:
+    """The recipe's ``passes`` through the Python API (they need the nn.Module), then the usual compile
+    for linux-x86_64 into OUT/``out``. Returns the compile report and the (one) pass's report entry."""
     import json
 
     from edgeship.compiler import Recipe, compile_model
@@ -72,77 +71,72 @@ def prune_and_compile(model: Any, digits: Any) -> None:
     from edgeship.compiler.source import from_module
     from edgeship.runtime.package import load_private_key
 
-    recipe = Recipe.from_dict(
-        {
-            "name": "digits-wide-pruned",
-            "variants": {"linux-x86_64": ["fp32", "int8-dynamic"]},
-            "passes": ["prune.channels"],
-            "prune": {"channels": {"ratio": 0.5, "epochs": 3}},
-        }
-    )
-    source = from_module(model, digits.x_test[:1], input_names=["image"], output_names=["logits"])
-    t0 = time.perf_counter()
     report = compile_model(
-        source,
+        from_module(model, digits.x_test[:1], input_names=["image"], output_names=["logits"]),
         ["linux-x86_64"],
-        OUT / "dist-pruned",
+        OUT / out,
         load_private_key(OUT / "keys/edgeship.key"),
-        recipe=recipe,
+        recipe=Recipe.from_dict(recipe),
         calibration=Dataset({"image": digits.x_train}),
         evaluation=Dataset({"image": digits.x_test}, labels=digits.y_test),
         training=Dataset({"image": digits.x_train}, labels=digits.y_train),
     )
     (entry,) = json.loads(report.report_json.read_text())["passes"]
+    return report, entry
+
+
+def show_variants(report: Any) -> None:
+    for v in report.variants:
+        m = v.metrics
+        state = f"package {v.package.name}" if v.package else f"refused: {v.error}"
+        print(
+            f"  {v.target} {v.precision:13} {m.size_bytes / 1024:6.0f} KiB  cosine {m.cosine_min:.5f}  "
+            f"accuracy {m.accuracy:.3f}  p50 {m.latency_median_ms or 0:.3f} ms  gate: {v.gate}  -> {state}"
+        )
+
+
+def prune_and_compile(model: Any, digits: Any) -> None:
+    """prune.channels at 50 % with fine-tuning on the training set, then the usual compile; the quality
+    gate holds every variant to the pruned model, and the report says what the pass cost."""
+    t0 = time.perf_counter()
+    report, entry = compile_with_passes(
+        model,
+        digits,
+        {
+            "name": "digits-wide-pruned",
+            "variants": {"linux-x86_64": ["fp32", "int8-dynamic"]},
+            "passes": ["prune.channels"],
+            "prune": {"channels": {"ratio": 0.5, "epochs": 3}},
+        },
+        "dist-pruned",
+    )
     print(
         f"prune.channels: parameters {entry['before']['params']:,} -> {entry['after']['params']:,}, "
         f"MACs {entry['before']['macs']:,} -> {entry['after']['macs']:,}; accuracy "
         f"{entry['accuracy_before']:.3f} -> {entry['accuracy_after']:.3f} after fine-tuning "
         f"({time.perf_counter() - t0:.0f} s with the compile)"
     )
-    for v in report.variants:
-        m = v.metrics
-        state = f"package {v.package.name}" if v.package else f"refused: {v.error}"
-        print(
-            f"  {v.target} {v.precision:13} {m.size_bytes / 1024:6.0f} KiB  accuracy {m.accuracy:.3f}  "
-            f"p50 {m.latency_median_ms or 0:.3f} ms  gate: {v.gate}  -> {state}"
-        )
+    show_variants(report)
 
 
 def qat_and_compile(model: Any, digits: Any) -> None:
-    """``quantize.qat`` through the Python API: fine-tune the CNN while its Linear/Conv inputs and
-    weights are rounded to int8 (distilled from the fp32 model, so no labels), then the static int8
-    ONNX variant; the pass's report entry says what it changed."""
-    import json
-
-    from edgeship.compiler import Recipe, compile_model
-    from edgeship.compiler.data import Dataset
-    from edgeship.compiler.source import from_module
-    from edgeship.runtime.package import load_private_key
-
-    recipe = Recipe.from_dict(
-        {"name": "digits-qat", "variants": {"linux-x86_64": ["int8-qdq"]}, "passes": ["quantize.qat"]}
-    )
-    source = from_module(model, digits.x_test[:1], input_names=["image"], output_names=["logits"])
+    """``quantize.qat``: fine-tune the CNN while its Linear/Conv inputs and weights are rounded to int8
+    (distilled from the fp32 model, so no labels), then the static int8 ONNX variant, held to the
+    model before the pass; the pass's report entry says what it changed."""
     t0 = time.perf_counter()
-    report = compile_model(
-        source,
-        ["linux-x86_64"],
-        OUT / "dist-qat",
-        load_private_key(OUT / "keys/edgeship.key"),
-        recipe=recipe,
-        calibration=Dataset({"image": digits.x_train}),
-        evaluation=Dataset({"image": digits.x_test}, labels=digits.y_test),
+    report, entry = compile_with_passes(
+        model,
+        digits,
+        {"name": "digits-qat", "variants": {"linux-x86_64": ["int8-qdq"]}, "passes": ["quantize.qat"]},
+        "dist-qat",
     )
-    (entry,) = json.loads(report.report_json.read_text())["passes"]
     print(
         f"quantize.qat: {entry['layers']} layers fake-quantized; int8 error on the calibration data "
         f"{entry['int8_error_before']:.2e} -> {entry['int8_error_after']:.2e} (kept epoch "
-        f"{entry['training']['kept_epoch']}; {time.perf_counter() - t0:.0f} s with the compile)"
+        f"{entry['training']['kept_epoch']}, trained on the {entry['training']['data']} data; "
+        f"{time.perf_counter() - t0:.0f} s with the compile)"
     )
-    for v in report.variants:
-        m = v.metrics
-        state = f"package {v.package.name}" if v.package else f"refused: {v.error}"
-        print(f"  {v.target} {v.precision:9} cosine {m.cosine_min:.5f}  accuracy {m.accuracy:.3f}  -> {state}")
+    show_variants(report)
 
 
 def main() -> None:

@@ -96,6 +96,12 @@ class PassContext:
     seed: int = 0
     progress: Progress = lambda _msg: None
 
+    def calibration_needed(self, what: str, use: str) -> Dataset:
+        """The calibration data, or ``UsageError`` saying that pass ``what`` needs it (--calib) for ``use``."""
+        if self.calibration is None or len(self.calibration) == 0:
+            raise UsageError(f"{what} needs calibration data (--calib): it {use}")
+        return self.calibration
+
 
 @dataclass(frozen=True)
 class Setting:

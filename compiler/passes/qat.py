@@ -76,11 +76,7 @@ class QuantizationAwareTraining(Pass):
 
         s = ctx.settings
         started = time.perf_counter()
-        data = ctx.calibration
-        if data is None or len(data) == 0:
-            raise UsageError(
-                f"{self.name} needs calibration data (--calib): it measures the int8 ranges and fine-tunes on it"
-            )
+        data = ctx.calibration_needed(self.name, "measures the int8 ranges and fine-tunes on it")
         data = data.take(min(s["samples"], len(data)))
         # Distillation needs no labels, so training data (when given) adds samples. Digits CNN, 256
         # calibration and 1437 training images, mean held-out int8 error 1.73e-4: 1.35e-4 after training

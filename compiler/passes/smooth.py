@@ -91,11 +91,7 @@ class Smooth(Pass):
 
         s = ctx.settings
         started = time.perf_counter()
-        data = ctx.calibration
-        if data is None or len(data) == 0:
-            raise UsageError(
-                f"{self.name} needs calibration data (--calib): it measures each Linear's input channels on it"
-            )
+        data = ctx.calibration_needed(self.name, "measures each Linear's input channels on it")
         module = model.module.eval()
         if any(isinstance(m, SmoothedLinear) for m in module.modules()):
             raise UsageError(f"{self.name}: the model is smoothed already; list the pass once in passes")

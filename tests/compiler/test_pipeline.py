@@ -313,15 +313,13 @@ def test_a_budget_search_exports_the_model_once_for_all_its_candidates(source, i
     assert size["int8-dynamic"] < size["fp16"] and all(t["seconds"] > 0 for t in trials)
 
 
-def test_a_budget_search_on_a_transformer_tries_smoothed_ptq_and_its_winner_records_the_pass(tmp_path):
-    """A BERT whose LayerNorms have outlier channels (as trained BERTs do): plain static int8 misses a
-    tight cosine budget, the smoothed candidate (``quantize.smooth``) comes after the other calibration
-    and before mixed precision, and when it wins its provenance recipe lists the pass."""
+def _tiny_bert_search(tmp_path, min_cosine):
+    """int8-qdq of a BERT whose LayerNorms have outlier channels, searched to ``min_cosine``."""
     pytest.importorskip("transformers")
     from edgeship.compiler.search.budget import Budget
     from tests.compiler.passes.test_smooth import source_of, tiny_bert, tokens
 
-    report = compile_model(
+    return compile_model(
         source_of(tiny_bert(outliers=25.0)),
         ["linux-x86_64"],
         tmp_path / "dist",
@@ -329,8 +327,15 @@ def test_a_budget_search_on_a_transformer_tries_smoothed_ptq_and_its_winner_reco
         recipe=Recipe.from_dict({"name": "bert", "variants": {"linux-x86_64": ["int8-qdq"]}}),
         calibration=Dataset(tokens(32, 1)),
         evaluation=Dataset(tokens(16, 2)),
-        budget=Budget(min_cosine=0.9998),
+        budget=Budget(min_cosine=min_cosine),
     )
+
+
+def test_a_budget_search_on_a_transformer_tries_smoothed_ptq_and_its_winner_records_the_pass(tmp_path):
+    """A BERT whose LayerNorms have outlier channels (as trained BERTs do): plain static int8 misses a
+    tight cosine budget, the smoothed candidate (``quantize.smooth``) comes after the other calibration
+    and before mixed precision, and when it wins its provenance recipe lists the pass."""
+    report = _tiny_bert_search(tmp_path, 0.9998)
     search = report.searches["linux-x86_64"]
     trials = {t["name"]: t for t in search["trials"]}
     names = [t["name"] for t in search["trials"]]
@@ -348,20 +353,7 @@ def test_a_mixed_candidate_searches_from_the_smoothed_model_when_smoothing_came_
     """The layer search starts from its precision's closest PTQ: here the smoothed one (0.99994
     against plain 0.99961, measured), so the mixed trial is built on the smoothed model and its
     name says so; nothing reaches 0.99998, so no package and the closest candidate is named."""
-    pytest.importorskip("transformers")
-    from edgeship.compiler.search.budget import Budget
-    from tests.compiler.passes.test_smooth import source_of, tiny_bert, tokens
-
-    report = compile_model(
-        source_of(tiny_bert(outliers=25.0)),
-        ["linux-x86_64"],
-        tmp_path / "dist",
-        KEY,
-        recipe=Recipe.from_dict({"name": "bert", "variants": {"linux-x86_64": ["int8-qdq"]}}),
-        calibration=Dataset(tokens(32, 1)),
-        evaluation=Dataset(tokens(16, 2)),
-        budget=Budget(min_cosine=0.99998),
-    )
+    report = _tiny_bert_search(tmp_path, 0.99998)
     trials = report.searches["linux-x86_64"]["trials"]
     assert [t["kind"] for t in trials] == ["ptq", "calibration", "smoothed", "mixed", "qat"]
     mixed = trials[3]
