@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from edgeship.compiler.passes.int8 import fake_int8_activation, fake_int8_weight
+
 
 class SmoothedLinear(torch.nn.Linear):
     """``y = linear(x / s, W * s)``: the same function as the Linear it was made from, with the
@@ -59,23 +61,11 @@ def smoothing_scale(act_max: torch.Tensor, weights: Sequence[torch.Tensor], alph
 ALPHA_GRID: tuple[float | None, ...] = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def _fake_int8(x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Round ``x`` to int8 and back: per tensor asymmetric min/max (``axis`` None, a calibrated
-    activation) or symmetric per slice along ``axis`` (a per-channel weight)."""
-    if axis is None:
-        lo, hi = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
-        step = max(hi - lo, 1e-12) / 255.0
-        zero = round(-lo / step) - 128
-        return ((x / step).round() + zero).clamp(-128, 127).sub(zero).mul(step)
-    steps = x.abs().amax(dim=axis, keepdim=True).clamp(min=1e-12) / 127.0
-    return (x / steps).round().clamp(-127, 127).mul(steps)
-
-
 def choose_alpha(
     rows: torch.Tensor, act_max: torch.Tensor, weights: Sequence[torch.Tensor]
 ) -> tuple[float | None, float, float]:
-    """The migration strength for one input: the ``ALPHA_GRID`` entry whose int8 rounding of the
-    smoothed input (per tensor) and weights (per output channel) changes the Linears' outputs least
+    """The migration strength for one input: the ``ALPHA_GRID`` entry whose int8 rounding
+    (``int8.py``: the smoothed input per tensor over its min/max, the weights per output channel) changes the Linears' outputs least
     on ``rows`` (sampled calibration inputs, (n, in_features)), relative to their float outputs.
     Returns (alpha or None for no smoothing, that relative error, the error unsmoothed)."""
     x = rows.float()
@@ -86,10 +76,11 @@ def choose_alpha(
         scale = (
             torch.ones_like(act_max, dtype=torch.float32) if alpha is None else smoothing_scale(act_max, weights, alpha)
         )
-        xq = _fake_int8(x / scale, None)
+        smoothed = x / scale
+        xq = fake_int8_activation(smoothed, min(float(smoothed.min()), 0.0), max(float(smoothed.max()), 0.0))
         err = 0.0
         for w, y in zip(weights, exact):
-            wq = _fake_int8(w.detach().float() * scale[None, :], 1)
+            wq = fake_int8_weight(w.detach().float() * scale[None, :])
             err += float((xq @ wq.T - y).pow(2).sum())
         errors[alpha] = err / norm
     best = min(errors, key=lambda a: errors[a])

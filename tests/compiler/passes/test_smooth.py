@@ -130,10 +130,14 @@ def test_auto_alpha_picks_the_strength_that_rounds_least_and_never_worse_than_no
 
 
 def choose_alpha_error(rows: Any, w: Any, scale: Any) -> float:
-    from edgeship.compiler.passes.smooth_layers import _fake_int8
+    from edgeship.compiler.passes.int8 import fake_int8_activation, fake_int8_weight
 
     y = rows @ w.T
-    got = _fake_int8(rows / scale, None) @ _fake_int8(w * scale[None, :], 1).T
+    x = rows / scale
+    got = (
+        fake_int8_activation(x, min(float(x.min()), 0.0), max(float(x.max()), 0.0))
+        @ fake_int8_weight(w * scale[None, :]).T
+    )
     return float((got - y).pow(2).sum() / y.pow(2).sum())
 
 
