@@ -123,7 +123,7 @@ class Smooth(Pass):
             weights = [stats.linears[n].weight for n in group]
             alpha = s["alpha"]
             if alpha == "auto":
-                alpha, chosen_error, plain_error = choose_alpha(torch.cat(stats.rows[group[0]]), act, weights)
+                alpha, chosen_error, plain_error = choose_alpha(stats.input_rows(group[0]), act, weights)
                 alphas[group[0]] = alpha
                 errors.append((plain_error, chosen_error))
                 if alpha is None:

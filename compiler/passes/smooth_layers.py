@@ -96,9 +96,11 @@ class InputStats:
 
     def __init__(self, module: torch.nn.Module, rows_per_call: int = 0, max_rows: int = 0) -> None:
         self.linears = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n}
-        #: Linear name -> up to ``max_rows`` input rows, ``rows_per_call`` evenly spaced from each call.
+        #: First Linear of each group -> up to ``max_rows`` rows of the group's input, ``rows_per_call``
+        #: evenly spaced from each call (once per input: query, key and value read one tensor).
         self.rows: dict[str, list[torch.Tensor]] = {}
         self._rows_per_call, self._max_rows = rows_per_call, max_rows
+        self._row_count: dict[str, int] = {}
         norms = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
         self.act_max: dict[str, torch.Tensor] = {}
         #: Linear name -> the LayerNorm whose output it read (first sample), or None.
@@ -118,12 +120,14 @@ class InputStats:
             flat = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             seen = self.act_max.get(name)
             self.act_max[name] = flat if seen is None else torch.maximum(seen, flat)
-            if self._rows_per_call:
-                kept = self.rows.setdefault(name, [])
-                if sum(len(r) for r in kept) < self._max_rows:
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                    step = max(1, len(rows) // self._rows_per_call)
-                    kept.append(rows[::step][: self._rows_per_call].float().clone())
+            # Until the first sample ends the groups are unknown: every Linear keeps rows, and
+            # end_sample drops those of all but each group's first.
+            wanted = self._rows_per_call and (self._first or name in self.rows)
+            if wanted and self._row_count.get(name, 0) < self._max_rows:
+                rows = x.detach().reshape(-1, x.shape[-1])
+                picked = rows[:: max(1, len(rows) // self._rows_per_call)][: self._rows_per_call]
+                self.rows.setdefault(name, []).append(picked.float().clone())
+                self._row_count[name] = self._row_count.get(name, 0) + len(picked)
             if self._first:
                 self._alive.append(x)
                 self.fed_by[name] = self._norm_out.get(id(x))
@@ -143,10 +147,17 @@ class InputStats:
         """Call after each forward pass: the grouping is taken from the first one."""
         if self._first:
             self.groups = [names for _x, names in self._sample.values()]
+            leaders = {names[0] for names in self.groups}
+            self.rows = {name: rows for name, rows in self.rows.items() if name in leaders}
             self._sample.clear()
             self._norm_out.clear()
             self._alive.clear()
             self._first = False
+
+    def input_rows(self, name: str) -> torch.Tensor:
+        """The sampled rows of the input Linear ``name`` reads (kept once for its whole group)."""
+        leader = next((group[0] for group in self.groups if name in group), name)
+        return torch.cat(self.rows[leader])
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -240,3 +240,24 @@ def test_smoothing_improves_static_int8_of_a_bert_with_outlier_channels(tmp_path
     smooth = _qdq_cosine(smoothed(module)[0], tmp_path / "smooth")
     # measured: 1 - cosine 3.9e-4 plain, 5.5e-5 smoothed (7x less error); asked here: at least 3x
     assert 1 - smooth < (1 - plain) / 3, (plain, smooth)
+
+
+def test_sampled_input_rows_are_kept_once_per_input_not_per_linear():
+    # Query, key and value read one LayerNorm output: its rows are kept once, for the group.
+    from edgeship.compiler.passes.smooth_layers import InputStats
+
+    module = tiny_bert(outliers=25.0).eval()
+    feed = tokens(4, 3)
+    with torch.no_grad(), InputStats(module, rows_per_call=8, max_rows=24) as stats:
+        for i in range(4):
+            module(torch.from_numpy(feed["input_ids"][i : i + 1]), torch.from_numpy(feed["attention_mask"][i : i + 1]))
+            stats.end_sample()
+    attention = [g for g in stats.groups if len(g) == 3]
+    assert attention and set(stats.rows) == {g[0] for g in stats.groups}
+    query, key, value = attention[0]
+    assert torch.equal(stats.input_rows(key), stats.input_rows(query))
+    assert torch.equal(stats.input_rows(value), stats.input_rows(query))
+    assert len(stats.input_rows(query)) == 24  # max_rows: 3 calls of 8 rows, then no more
+    # A smoothing of the key alone (not its group's first Linear) still finds its input's rows.
+    _, entry = smoothed(module, alpha="auto", layers=[key])
+    assert list(entry["alphas"]) == [key]
