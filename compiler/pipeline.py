@@ -195,12 +195,12 @@ def compile_model(
     )
     tools = _tools()
     ctx = _Build(
-        source, out, name, held_out, reference, baseline, tools, signing_key, say, calib, working, pass_entries
-    )
+        source, out, name, held_out, reference, baseline, tools, signing_key, say, calib, working, pass_entries,
+        training=training,
+    )  # fmt: skip
     searched = _searched_targets(targets, recipe, budget, calib)
     results: list[VariantResult] = []
     searches: dict[str, dict[str, Any]] = {}
-    ctx.training = training
     ctx.root = Path(tempfile.mkdtemp(prefix=".edgeship-build-", dir=out))
     ctx.cache = ConversionCache(ctx.root / ".fp32-cache")
     try:

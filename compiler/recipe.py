@@ -210,12 +210,13 @@ class Recipe:
             raise UsageError(f"{where}: quantize.fallback must be auto, weight-only or float, not {fallback!r}")
         min_cosine = _float_or_none(quantize.get("min_cosine"), f"{where}: quantize.min_cosine")
         fraction = _float_or_none(quantize.get("max_float_fraction", 0.25), f"{where}: quantize.max_float_fraction")
-        if (min_cosine is not None and min_cosine > 1) or fraction is None or fraction > 1:
-            raise UsageError(f"{where}: quantize.min_cosine and quantize.max_float_fraction are numbers in 0..1")
-        if fraction <= 0:
+        if min_cosine is not None and min_cosine > 1:
+            raise UsageError(f"{where}: quantize.min_cosine is a cosine in 0..1, not {min_cosine}")
+        if fraction is None or not 0 < fraction <= 1:
             raise UsageError(
                 f"{where}: quantize.max_float_fraction is the share of layers the layer search may set apart, in "
-                f"(0, 1], not {fraction}; to keep every layer int8, give no cosine for the search (quantize.min_cosine)"
+                f"(0, 1], not {fraction}; to keep every layer int8, leave quantize.min_cosine unset (no layer "
+                "search) and name the precision instead of giving a budget"
             )
         variants: dict[str, tuple[str, ...]] = {}
         for target, precisions in _mapping(top.get("variants", {}), f"{where}: variants", None).items():

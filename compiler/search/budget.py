@@ -152,12 +152,11 @@ class Candidate:
         if self.kind == "qat":
             return f"{self.precision} (QAT)"
         if self.kind == "mixed":
-            start = [
-                w
-                for w in ("smoothed" if self.smoothed else "", self.calibration and f"{self.calibration} calibration")
-                if w
-            ]
-            return f"{self.precision} mixed ({', '.join([*start, f'layer search to cosine {self.min_cosine}'])})"
+            words = ["smoothed"] if self.smoothed else []
+            if self.calibration:
+                words.append(f"{self.calibration} calibration")
+            words.append(f"layer search to cosine {self.min_cosine}")
+            return f"{self.precision} mixed ({', '.join(words)})"
         return self.precision
 
     def to_json(self) -> dict[str, Any]:
