@@ -169,7 +169,7 @@ def compile_model(
         raise UsageError(
             "--max-accuracy-drop needs labels: give --eval data with a 'labels' array, or use --min-cosine"
         )
-    batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
+    batch = source.feed_batch
     # Passes (prune, distill) change the model: the variants are then held to the model the passes made
     # (a conversion's fidelity); what the passes themselves cost is in their report entries. The
     # quantize.* passes mean to keep the function: variants are held to the model before them.

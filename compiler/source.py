@@ -45,6 +45,13 @@ class SourceModel:
     saved_model_dir: Path | None = None
     dynamic_batch: bool = False
 
+    @property
+    def feed_batch(self) -> int:
+        """The batch data is fed to this model in: 1 when the first input's batch dimension is fixed,
+        else 32 (calibration, validation and the passes' forward passes all use it)."""
+        shape = self.inputs[0].shape
+        return 1 if shape and shape[0] is not None else 32
+
     def export_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` for ``torch.export``-based converters: the example inputs as tensors
         in input order and, with ``dynamic_batch``, ``dynamic_shapes`` making axis 0 of each dynamic."""

@@ -111,7 +111,7 @@ def validate(
         return metrics, None, None
     with session:
         metrics.backend = session.backend_name
-        batch = 1 if source.inputs[0].shape and source.inputs[0].shape[0] is not None else 32
+        batch = source.feed_batch
         outputs: dict[str, list[Array]] = {t.name: [] for t in source.outputs}
         for feed in held_out.batches(batch):
             result = session.run(feed)

@@ -193,8 +193,7 @@ class EmitRequest:
     @property
     def batch(self) -> int:
         """The batch the calibration data is fed in: 1 for a fixed batch dimension, else 32."""
-        shape = self.source.inputs[0].shape
-        return 1 if shape and shape[0] is not None else 32
+        return self.source.feed_batch
 
 
 class Emitter(ABC):

@@ -100,8 +100,7 @@ class QuantizationAwareTraining(Pass):
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-        first = model.source.inputs[0].shape
-        batch = 1 if first and first[0] is not None else 32
+        batch = model.source.feed_batch
         with torch.no_grad(), InputRanges({n: m for n, m in layers.items() if supported(m)}) as measured:
             want = self._outputs(model, module, data, batch)
         skipped = {

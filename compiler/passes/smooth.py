@@ -96,8 +96,7 @@ class Smooth(Pass):
         if any(isinstance(m, SmoothedLinear) for m in module.modules()):
             raise UsageError(f"{self.name}: the model is smoothed already; list the pass once in passes")
         data = data.take(min(s["samples"], len(data)))
-        first = model.source.inputs[0].shape
-        batch = 1 if first and first[0] is not None else 32
+        batch = model.source.feed_batch
         probe = model.inputs_of(next(data.batches(batch)))
         with torch.no_grad():
             auto = s["alpha"] == "auto"
