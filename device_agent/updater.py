@@ -964,7 +964,7 @@ def _check_requirements(requirements: Mapping[str, Any]) -> None:
     fmt = requirements.get("format")
     if isinstance(fmt, str):
         try:
-            backend = select_backend(fmt)
+            backend = select_backend(fmt, device=True)
         except EdgeshipError as exc:  # BackendUnavailableError, or a format no backend knows
             raise Refused("unsupported", f"this device cannot run {fmt} models: {exc}") from None
         runtime = requirements.get("runtime") or {}

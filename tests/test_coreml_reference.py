@@ -8,6 +8,7 @@ runs through the runtime's Session (backend "coreml-reference") at four precisio
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -941,3 +942,19 @@ def test_reference_backend_ranks_below_core_ml_and_is_picked_on_linux():
 
     if platform.system() != "Darwin":
         assert select("coreml") is CoreMLReferenceBackend
+
+
+def test_the_reference_evaluator_is_no_device_runtime():
+    # The compiler registers it so that its validation runs Core ML through the runtime Session; a
+    # device agent in the same process must still refuse Core ML packages it cannot serve.
+    from edgeship.device_agent.updater import Refused, _check_requirements
+    from edgeship.errors import BackendUnavailableError
+
+    register()
+    if sys.platform != "darwin":
+        assert select("coreml").name == "coreml-reference"
+    with pytest.raises(BackendUnavailableError, match=r"no backend can run 'coreml' artifacts here"):
+        select("coreml", device=True)
+    with pytest.raises(Refused) as refused:
+        _check_requirements({"format": "coreml", "runtime": {"name": "coreml", "version": "8"}})
+    assert refused.value.code == "unsupported" and "cannot run coreml models" in str(refused.value)

@@ -55,6 +55,7 @@ class CoreMLReferenceBackend(Backend):
 
     name = "coreml-reference"
     formats = ("coreml",)
+    device_runtime = False  # a numeric check for the compiler; a device agent never serves with it
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

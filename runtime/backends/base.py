@@ -79,6 +79,9 @@ class Backend(ABC):
     """Short name users pass as ``backend=`` (e.g. "litert", "onnxruntime")."""
     formats: ClassVar[tuple[str, ...]]
     """Artifact formats (manifest ``format``) this backend runs."""
+    device_runtime: ClassVar[bool] = True
+    """False for a backend that only checks numerics on a host (the compiler's Core ML reference
+    evaluator): a device never counts it as able to run a format (``registry.select(device=True)``)."""
 
     @classmethod
     @abstractmethod

@@ -34,12 +34,13 @@ def registered() -> dict[str, type[Backend]]:
     return {e.backend.name: e.backend for e in entries}
 
 
-def select(fmt: str, requested: str = "auto") -> type[Backend]:
+def select(fmt: str, requested: str = "auto", *, device: bool = False) -> type[Backend]:
     """Return the backend to run an artifact of format ``fmt``.
 
     With ``requested="auto"``: the highest-priority registered backend for ``fmt`` that is
-    available here. Raises ``UsageError`` for an unknown name or a backend that cannot run
-    ``fmt``, and ``BackendUnavailableError`` listing why each candidate cannot run.
+    available here; with ``device``, only backends that serve models on a device
+    (``Backend.device_runtime``). Raises ``UsageError`` for an unknown name or a backend that cannot
+    run ``fmt``, and ``BackendUnavailableError`` listing why each candidate cannot run.
     """
     backends = registered()
     if requested != "auto":
@@ -55,7 +56,7 @@ def select(fmt: str, requested: str = "auto") -> type[Backend]:
         if reason is not None:
             raise BackendUnavailableError(f"backend {requested!r} cannot run here: {reason}")
         return backend
-    candidates = [b for b in backends.values() if fmt in b.formats]
+    candidates = [b for b in backends.values() if fmt in b.formats and (b.device_runtime or not device)]
     if not candidates:
         raise BackendUnavailableError(f"no backend is registered for {fmt!r} artifacts")
     reasons = []

@@ -24,18 +24,6 @@ class Publisher:
         return load_private_key(self.key_path)
 
 
-@pytest.fixture(autouse=True)
-def _device_backends_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A device has no compiler. The compiler registers its Core ML reference evaluator in the runtime's
-    backend registry when it builds a Core ML artifact; a compiler test that ran earlier in the same
-    pytest worker would leave it there, and an in-process agent would then accept Core ML packages
-    (seen: a 'coreml' requirement committed instead of being refused as unsupported)."""
-    from edgeship.runtime.backends import registry
-
-    kept = {name: entry for name, entry in registry._REGISTRY.items() if name != "coreml-reference"}
-    monkeypatch.setattr(registry, "_REGISTRY", kept)
-
-
 @pytest.fixture(scope="session")
 def publisher_files(tmp_path_factory: pytest.TempPathFactory) -> Publisher:
     root = tmp_path_factory.mktemp("publisher")
