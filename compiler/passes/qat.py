@@ -12,8 +12,8 @@ with int8 fake quantization of what its matrix multiply reads:
 
 Rounding passes gradients straight through (``x + (q(x) - x).detach()``). That is what the
 deployment quantizers do to these layers: ONNX Runtime int8-qdq (``sensitivity.OnnxQuantizer``:
-Q/DQ on the inputs of MatMul/Gemm/Conv, per-channel int8 weights, MinMax calibration) and Core ML
-w8a8 (inputs of linear and conv quantized, per-channel weights). Per-channel symmetric weight
+Q/DQ on the inputs of MatMul/Gemm/Conv, per-channel int8 weights, MinMax calibration); Core ML
+w8a8 rounds the same tensors, but its activations symmetrically, which is not simulated. Per-channel symmetric weight
 rounding commutes with folding a BatchNorm into the conv (a per-channel factor), so a Conv + BN
 trained here rounds the same once folded. What it does not simulate: ORT's Q/DQ on a Conv's
 output, the int32 bias, activation-by-activation MatMuls (attention scores), and the many other
