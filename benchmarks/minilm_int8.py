@@ -11,7 +11,8 @@ all-MiniLM-L6-v2 exactly as ``benchmarks/compile_quality.py`` builds it (token e
 * TFLite int8-static (ai-edge-quantizer, global min/max): all-int8 cosine (``--tflite-search``
   also runs its layer search: about 13 minutes per configuration here);
 * Core ML w8a8 (``--coreml``): the Core ML emitter, activation ranges from ``--coreml-samples``
-  calibration sentences, run through the numpy reference evaluator;
+  calibration sentences, run through the numpy reference evaluator; all int8, then with the w8a8
+  layer search (``min_cosine``, the input activations of the ops it sets apart stay float);
 * host latency on one thread of every ONNX artifact, interleaved (as compile_quality measures it),
   against the plain fp32 model.
 
@@ -158,6 +159,27 @@ def build_rows(
                 calibration=feeds[: args.coreml_samples],
             )
         row("coreml", "w8a8", "coremltools, reference evaluator", path, t0)
+        say(f"  {config}: Core ML w8a8 layer search")
+        t0 = time.perf_counter()
+        path = work / "w8a8-mixed.mlpackage"
+        with cq._chatter_to(work / "coreml.log"):
+            result = emit_coreml(
+                module,
+                tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names),
+                case.input_names,
+                [case.output_name],
+                "w8a8",
+                "iOS17",
+                path,
+                calibration=feeds[: args.coreml_samples],
+                min_cosine=TARGET + args.margin,
+                max_float_fraction=args.max_fraction,
+            )
+        r = row("coreml", "w8a8", "layer search, reference evaluator", path, t0)
+        if result.search is not None:
+            found = result.search
+            r.kept_float = list(found.kept_float)
+            r.notes.append(f"set apart {len(found.kept_float)} of {found.candidates}; {found.summary()}")
     return rows
 
 

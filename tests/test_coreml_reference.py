@@ -840,9 +840,22 @@ class _OutlierBlock(_Block):
         return super().forward(ids, mask)[:, 1:]  # the other channels: what the outlier's scale rounds away
 
 
-def _w8a8_cosines(tmp_path: Any, name: str) -> list[float]:
+class _NormOutlierBlock(_Block):
+    """The block whose LayerNorms scale one channel 30x, as BERT's do: the linears after them
+    read an outlier channel, the embedding table (whose int8 rows it would spoil) has none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.ln1.weight[0] *= 30.0
+            self.ln2.weight[0] *= 30.0
+
+
+def _w8a8_cosines(
+    tmp_path: Any, name: str, block_type: type[_Block] = _OutlierBlock, **search: Any
+) -> tuple[list[float], Any]:
     torch.manual_seed(0)
-    block = _OutlierBlock().eval()
+    block = block_type().eval()
     rng = np.random.default_rng(0)
     samples = []
     for _ in range(24):
@@ -851,8 +864,9 @@ def _w8a8_cosines(tmp_path: Any, name: str) -> list[float]:
         samples.append({"ids": rng.integers(0, 50, (1, 8)).astype(np.int32), "mask": mask})
     example = (torch.from_numpy(samples[0]["ids"]), torch.from_numpy(samples[0]["mask"]))
     result = emit_coreml(
-        block, example, ["ids", "mask"], ["pooled"], "w8a8", "iOS17", tmp_path / name, calibration=samples[:16]
-    )
+        block, example, ["ids", "mask"], ["pooled"], "w8a8", "iOS17", tmp_path / name, calibration=samples[:16],
+        **search,
+    )  # fmt: skip
     evaluator = ReferenceEvaluator(result.path)
     out = []
     for sample in samples[16:]:
@@ -860,7 +874,7 @@ def _w8a8_cosines(tmp_path: Any, name: str) -> list[float]:
         with torch.no_grad():
             want = block(*(torch.from_numpy(sample[k]) for k in ("ids", "mask"))).numpy()
         out.append(float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)))
-    return out
+    return out, result
 
 
 def test_w8a8_keeps_the_residual_stream_and_the_attention_mask_in_float(tmp_path, monkeypatch):
@@ -868,14 +882,37 @@ def test_w8a8_keeps_the_residual_stream_and_the_attention_mask_in_float(tmp_path
     # and the -1e4 mask through one int8 scale each; MiniLM collapsed to cosine 0.16 that way.
     from edgeship.compiler.coreml import emit
 
-    kept = _w8a8_cosines(tmp_path, "kept.mlpackage")
+    kept, _ = _w8a8_cosines(tmp_path, "kept.mlpackage")
     monkeypatch.setattr(emit, "W8A8_FLOAT_OP_TYPES", ())
     monkeypatch.setattr(emit, "W8A8_FLOAT_OUTPUT_OP_TYPES", ())
-    everything = _w8a8_cosines(tmp_path, "all.mlpackage")
+    everything, _ = _w8a8_cosines(tmp_path, "all.mlpackage")
     print(f"outlier block w8a8 worst cosine: {min(kept):.4f} (add/linear outputs float), {min(everything):.4f} (all)")
     # The linear inputs still carry the outlier (per-tensor int8, what quantize.smooth is for): 0.96.
     assert min(kept) > 0.95
     assert min(everything) < min(kept) - 0.1
+
+
+def test_w8a8_layer_search_sets_apart_the_linears_that_read_the_outlier(tmp_path):
+    # All int8 the block misses 0.99 (one int8 scale for the outlier channel and the rest); the
+    # search leaves the input activations of the most sensitive linears float, their weights
+    # int8, and the answer holds on samples it never saw.
+    plain, _ = _w8a8_cosines(tmp_path, "plain.mlpackage", _NormOutlierBlock)
+    searched, result = _w8a8_cosines(
+        tmp_path, "searched.mlpackage", _NormOutlierBlock, min_cosine=0.995, max_float_fraction=0.5
+    )
+    found = result.search
+    print(f"norm outlier block w8a8: {min(plain):.4f} all int8, {min(searched):.4f} with {found.kept_float} float")
+    assert min(plain) < 0.99
+    assert found.reached and found.cosine >= 0.995 and found.all_quantized_cosine < 0.99
+    assert 0 < len(found.kept_float) <= 2 and found.candidates == 4  # qkv, o, up, down
+    assert any(note.startswith("set apart by sensitivity") for note in result.notes)
+    assert min(searched) > 0.99
+    from edgeship.compiler.coreml.reference import load_program, main_function
+
+    linears = [op for op in main_function(load_program(result.path)).operations if op.op_type == "linear"]
+    quantized_inputs = {op.inputs["x"].op.op_type for op in linears if op.inputs["x"].op is not None}
+    assert "dequantize" in quantized_inputs  # the linears not set apart still read int8 activations
+    assert result.weights_compressed == 5  # the table and 4 linears: setting apart keeps every weight int8
 
 
 # ---------------------------------------------------------------------------- refusals and unsupported ops

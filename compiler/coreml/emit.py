@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from edgeship.compiler.coreml.reference import (
 )
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
+from edgeship.compiler.search.layers import SensitivityResult
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import TensorSpec
 from edgeship.targets import TargetProfile
@@ -89,7 +90,8 @@ class CoreMLResult:
     ``weights_compressed``/``weights_float``: weight tensors (rank >= 2) coremltools
     compressed, and those it left in float. ``unchecked_ops``: op types the reference
     evaluator cannot compute, so the program's numerics can only be checked on Apple
-    hardware (empty for everything it can check). ``notes``: one line per decision.
+    hardware (empty for everything it can check). ``notes``: one line per decision. ``search``:
+    the w8a8 layer search's result when ``min_cosine`` asked for one.
     """
 
     path: Path
@@ -102,6 +104,7 @@ class CoreMLResult:
     weights_float: int
     unchecked_ops: tuple[str, ...]
     notes: tuple[str, ...]
+    search: SensitivityResult | None = None
 
 
 def check_request(precision: str, min_os: str) -> None:
@@ -137,6 +140,8 @@ def emit_coreml(
     *,
     calibration: Calibration | None = None,
     sparse_weights: bool = False,
+    min_cosine: float | None = None,
+    max_float_fraction: float = 0.25,
 ) -> CoreMLResult:
     """Convert ``module`` (a ``torch.nn.Module``) to an ML program at ``precision`` and save it at
     ``out_path`` (a ``.mlpackage`` directory, replaced if it exists).
@@ -144,7 +149,10 @@ def emit_coreml(
     ``example_inputs`` fix the input shapes (no flexible dimensions). ``calibration`` (feed
     dicts by input name, each matching those shapes) is required for ``w8a8`` and ignored
     otherwise. ``sparse_weights``: store the zeros of fp32/fp16 weights sparse (a pruned model; a
-    note says why when they stay dense). Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
+    note says why when they stay dense). ``min_cosine`` (w8a8 only): run the layer search
+    (``w8a8_float_ops``) on ``calibration`` against ``module``'s own outputs, leaving the input
+    activations of the most sensitive ops in float until the worst sample reaches it, at most
+    ``max_float_fraction`` of them; the notes say what it set apart and what it reached. Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
     calibration data, or a model coremltools cannot convert or compress; ``CoreMLVersionError``
     when coremltools is not 9.0.
     """
@@ -184,17 +192,31 @@ def emit_coreml(
         f"torch.jit.trace + coremltools {ct.__version__} ML program for {min_os}; computes in {float_name}; "
         "inputs and outputs float32"
     ]
+    found: SensitivityResult | None = None
     with tempfile.TemporaryDirectory(prefix="edgeship-coreml-") as tmp:
         if precision == "w8a8":
             assert calibration is not None
-            mlmodel, pairs = _quantize_activations(mlmodel, calibration, inputs, Path(tmp))
+            quantizer = W8A8Quantizer(mlmodel, calibration, inputs, Path(tmp))
+            keep_float: list[str] = []
+            if min_cosine is not None:
+                found = w8a8_float_ops(
+                    quantizer, calibration, _torch_outputs(module, calibration, input_names, output_names),
+                    min_cosine, max_float_fraction,
+                )  # fmt: skip
+                keep_float = list(found.kept_float)
+                notes += [
+                    found.summary(),
+                    *found.notes,
+                    f"set apart by sensitivity (input activations float, weights int8): {keep_float}",
+                ]
+            mlmodel, pairs = quantizer(keep_float)
             notes.append(
                 f"activations int8 at {pairs} quantize/dequantize pairs (inputs of conv, linear and pools; conv "
                 f"outputs; {', '.join(W8A8_FLOAT_OP_TYPES)} inputs and {', '.join(W8A8_FLOAT_OUTPUT_OP_TYPES)} outputs "
                 f"stay float); ranges (min/max) from {len(calibration)} calibration samples computed by the numpy "
                 "reference evaluator (Core ML's own calibration needs macOS)"
             )
-        if precision in _COMPRESSION_DESCRIPTIONS:
+        if precision in _COMPRESSION_DESCRIPTIONS and precision != "w8a8":  # W8A8Quantizer compressed them
             mlmodel = _compress_weights(mlmodel, precision)
         if sparse_weights:
             mlmodel, note = _sparse_weights(mlmodel, precision, min_os)
@@ -224,6 +246,7 @@ def emit_coreml(
         weights_float=len(float_weights),
         unchecked_ops=unchecked,
         notes=tuple(notes),
+        search=found,
     )
 
 
@@ -239,6 +262,7 @@ class CoreMLEmitter(Emitter):
     precisions = PRECISIONS
     sources = frozenset({"torch"})
     validation_backend = "coreml-reference"
+    layer_search: ClassVar[tuple[str, ...]] = ("w8a8",)
 
     def check(self, profile: TargetProfile, precision: str) -> None:
         super().check(profile, precision)
@@ -269,7 +293,10 @@ class CoreMLEmitter(Emitter):
             work / "model.mlpackage",
             calibration=_samples(request.calibration),
             sparse_weights=any(entry.get("sparsity") for entry in request.passes),
+            min_cosine=request.recipe.quantize.min_cosine,
+            max_float_fraction=request.recipe.quantize.max_float_fraction,
         )
+        searched = request.precision == "w8a8" and request.recipe.quantize.min_cosine is not None
         return Emitted(
             "coreml",
             request.precision,
@@ -278,7 +305,7 @@ class CoreMLEmitter(Emitter):
             tuple(result.inputs),
             tuple(result.outputs),
             result.weight_bytes,
-            "coremltools",
+            "coremltools + sensitivity" if searched else "coremltools",
             list(result.notes),
         )
 
@@ -288,6 +315,21 @@ def _samples(data: Dataset | None) -> list[dict[str, np.ndarray]] | None:
 
 
 # ---------------------------------------------------------------------------- conversion
+
+
+def _torch_outputs(
+    module: Any, samples: Calibration, input_names: Sequence[str], output_names: Sequence[str]
+) -> list[dict[str, np.ndarray]]:
+    """``module``'s outputs for each sample, by output name: the fp32 reference of a layer search."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for sample in samples:
+            got = module(*(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in input_names))
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            outs.append({name: value.detach().numpy() for name, value in zip(output_names, got)})
+    return outs
 
 
 def _input_spec(name: str, example: Any) -> TensorSpec:
@@ -457,62 +499,108 @@ def _weight_bytes(package: Path) -> int:
 # ---------------------------------------------------------------------------- activation quantization
 
 
-def _quantize_activations(
-    mlmodel: Any, calibration: Calibration, inputs: tuple[TensorSpec, ...], tmp: Path
-) -> tuple[Any, int]:
-    """Insert int8 quantize/dequantize pairs with coremltools' passes, from activation ranges
-    the reference evaluator measured on ``calibration``. Returns the model and the number of pairs."""
-    import coremltools.optimize.coreml as cto
-    from coremltools import _SPECIFICATION_VERSION_IOS_17
-    from coremltools.converters.mil.frontend.milproto import load as milproto
-    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-    from coremltools.models import utils as model_utils
-    from coremltools.optimize.coreml.experimental._post_training_quantization import (
-        _adjust_concat_surrounding_activation_stats,
-    )
+class W8A8Quantizer:
+    """Insert int8 quantize/dequantize pairs with coremltools' passes, from activation ranges the
+    reference evaluator measured on ``calibration`` (once, when the quantizer is built), then
+    quantize the weights (int8, per channel): the whole w8a8 model, so a layer search measures
+    what ships.
 
-    ct = coremltools_module()
-    fp_path = tmp / "float.mlpackage"
-    mlmodel.save(str(fp_path))
-    evaluator = ReferenceEvaluator(fp_path)
-    stats = activation_ranges(evaluator, calibration, inputs)
-    concat_groups = [
-        [v.name for v in op.inputs["values"]] + [op.outputs[0].name]
-        for op in main_function(evaluator.program).operations
-        if op.op_type == "concat"
-    ]
-    _adjust_concat_surrounding_activation_stats(concat_groups, stats)
-    skipped = _complete_stats(main_function(evaluator.program), stats)
+    Calling it with ``keep_float`` (op names) leaves those ops' input activations in float: the
+    layer search's fallback (their weights stay int8, so the model keeps its size). ``candidates``
+    lists the ops whose inputs the passes quantize, the layer search's choices.
+    """
 
-    def config(float_types: tuple[str, ...]) -> Any:
-        return cto.OptimizationConfig(
-            global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0),
-            op_type_configs=dict.fromkeys(float_types),
-            op_name_configs=dict.fromkeys(skipped),
+    def __init__(self, mlmodel: Any, calibration: Calibration, inputs: tuple[TensorSpec, ...], tmp: Path) -> None:
+        from coremltools.optimize.coreml.experimental._post_training_quantization import (
+            _adjust_concat_surrounding_activation_stats,
         )
 
-    passes = []
-    for name, float_types in (
-        ("insert_prefix_quantize_dequantize_pair", W8A8_FLOAT_OP_TYPES),
-        ("insert_suffix_quantize_dequantize_pair", (*W8A8_FLOAT_OP_TYPES, *W8A8_FLOAT_OUTPUT_OP_TYPES)),
-    ):
-        graph_pass = PASS_REGISTRY[f"compression::{name}"]
-        graph_pass.set_options([PassOption("config", config(float_types)), PassOption("activation_stats", stats)])
-        passes.append(graph_pass)
-    passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
-    try:
-        quantized = model_utils._apply_graph_pass(
-            ct.models.MLModel(str(fp_path), skip_model_load=True),
-            passes,
-            spec_version=_SPECIFICATION_VERSION_IOS_17,
-            pymil_load_func=milproto.load,
-            skip_model_load=True,
-        )
-    except Exception as exc:  # the passes raise ValueError for patterns they cannot quantize
-        raise UsageError(f"coremltools cannot quantize the activations: {_first_line(exc)}") from exc
-    pairs = sum(1 for op in main_function(program_of(quantized)).operations if op.op_type == "quantize")
-    return quantized, pairs
+        self._fp_path = tmp / "float.mlpackage"
+        mlmodel.save(str(self._fp_path))
+        self.evaluator = ReferenceEvaluator(self._fp_path)
+        self._stats = activation_ranges(self.evaluator, calibration, inputs)
+        function = main_function(self.evaluator.program)
+        concat_groups = [
+            [v.name for v in op.inputs["values"]] + [op.outputs[0].name]
+            for op in function.operations
+            if op.op_type == "concat"
+        ]
+        _adjust_concat_surrounding_activation_stats(concat_groups, self._stats)
+        self._skipped = _complete_stats(function, self._stats)
+
+    def candidates(self) -> list[str]:
+        """The ops whose input activations become int8 (``add`` inputs always stay float), in program order."""
+        quantized = set(_ACTIVATION_INPUTS) - set(W8A8_FLOAT_OP_TYPES)
+        skipped = set(self._skipped)
+        return [
+            op.name
+            for op in main_function(self.evaluator.program).operations
+            if op.op_type in quantized and op.name not in skipped
+        ]
+
+    def __call__(self, keep_float: Sequence[str] = ()) -> tuple[Any, int]:
+        """The quantized model (int8 activations, then int8 weights) and its number of quantize ops."""
+        import coremltools.optimize.coreml as cto
+        from coremltools import _SPECIFICATION_VERSION_IOS_17
+        from coremltools.converters.mil.frontend.milproto import load as milproto
+        from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+        from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+        from coremltools.models import utils as model_utils
+
+        ct = coremltools_module()
+        unquantized = [*self._skipped, *keep_float]
+
+        def config(float_types: tuple[str, ...]) -> Any:
+            return cto.OptimizationConfig(
+                global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0),
+                op_type_configs=dict.fromkeys(float_types),
+                op_name_configs=dict.fromkeys(unquantized),
+            )
+
+        passes = []
+        for name, float_types in (
+            ("insert_prefix_quantize_dequantize_pair", W8A8_FLOAT_OP_TYPES),
+            ("insert_suffix_quantize_dequantize_pair", (*W8A8_FLOAT_OP_TYPES, *W8A8_FLOAT_OUTPUT_OP_TYPES)),
+        ):
+            graph_pass = PASS_REGISTRY[f"compression::{name}"]
+            graph_pass.set_options(
+                [PassOption("config", config(float_types)), PassOption("activation_stats", self._stats)]
+            )
+            passes.append(graph_pass)
+        passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
+        try:
+            quantized = model_utils._apply_graph_pass(
+                ct.models.MLModel(str(self._fp_path), skip_model_load=True),
+                passes,
+                spec_version=_SPECIFICATION_VERSION_IOS_17,
+                pymil_load_func=milproto.load,
+                skip_model_load=True,
+            )
+        except Exception as exc:  # the passes raise ValueError for patterns they cannot quantize
+            raise UsageError(f"coremltools cannot quantize the activations: {_first_line(exc)}") from exc
+        pairs = sum(1 for op in main_function(program_of(quantized)).operations if op.op_type == "quantize")
+        return _compress_weights(quantized, "w8a8"), pairs
+
+
+def w8a8_float_ops(
+    quantizer: W8A8Quantizer,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    reference: Sequence[Mapping[str, np.ndarray]],
+    target_cosine: float,
+    max_float_fraction: float,
+) -> SensitivityResult:
+    """The layer search (``search_feeds``) for w8a8: which ops' input activations to leave in float
+    so the worst feed's cosine to ``reference`` (the fp32 source's outputs) meets ``target_cosine``.
+    Each step quantizes and runs the feeds through the reference evaluator."""
+    from edgeship.compiler.search.layers import search_feeds
+    from edgeship.compiler.sensitivity import cosines
+
+    def measure(keep: list[str], indices: Sequence[int]) -> np.ndarray:
+        model, _ = quantizer(keep)
+        evaluator = ReferenceEvaluator(program=program_of(model))
+        return np.asarray([cosines([evaluator.run(feeds[i])], [reference[i]]).min() for i in indices])
+
+    return search_feeds(quantizer.candidates(), measure, len(feeds), target_cosine, max_float_fraction)
 
 
 #: Op types whose inputs w8a8 leaves in float although coremltools' passes could quantize them,
