@@ -27,6 +27,9 @@ from edgeship.compiler.emitters.base import (
     convert_fp32,
     fp32_references,
 )
+from edgeship.compiler.quantizers import FALLBACK_NOTES
+from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_ops, tflite_skipped
+from edgeship.compiler.search.fronts import choose, tflite_float_ops
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import Quantization, TensorSpec
@@ -250,21 +253,17 @@ def _quantize_int8(
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
     global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
     weights with float compute, or float). Returns a route suffix."""
-    from edgeship.compiler import sensitivity
-
     batch = 1 if not source.dynamic_batch else 32
     feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
-    exclude = sensitivity.tflite_skipped(fp32, skipped) if skipped is not None else []
-    quantizer = sensitivity.TFLiteQuantizer(
-        precision, calibration=feeds if precision == "int8-static" else None, exclude=exclude
-    )
+    exclude = tflite_skipped(fp32, skipped) if skipped is not None else []
+    quantizer = TFLiteQuantizer(precision, calibration=feeds if precision == "int8-static" else None, exclude=exclude)
     if skipped is not None:
         notes.append(f"kept in float by the recipe's skip rules ({len(exclude)} ops): {exclude}")
     keep_float: list[str] = []
     suffix = ""
     if min_cosine is not None:
-        found, used = sensitivity.choose(
-            sensitivity.tflite_float_ops,
+        found, used = choose(
+            tflite_float_ops,
             fp32,
             quantizer,
             feeds,
@@ -277,13 +276,13 @@ def _quantize_int8(
         notes += [
             found.summary(),
             *found.notes,
-            f"set apart by sensitivity ({sensitivity.FALLBACK_NOTES[used]}; op scopes): {keep_float}",
+            f"set apart by sensitivity ({FALLBACK_NOTES[used]}; op scopes): {keep_float}",
         ]
         suffix = " + sensitivity"
     quantizer(fp32, out, keep_float)
     if precision == "int8-static":
         notes.append(f"activations calibrated on {len(feeds)} batches with global min/max")
-        lookups = sum(1 for key, _, _ in sensitivity.tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP")
+        lookups = sum(1 for key, _, _ in tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP")
         if lookups:
             notes.append(f"{lookups} embedding lookups: int8 tables, float outputs (hybrid kernel)")
     return suffix
