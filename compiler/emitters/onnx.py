@@ -136,7 +136,7 @@ def emit(
         notes.append(f"kept in float: nodes {list(exclude_nodes)}, op types {list(exclude_op_types)}")
     from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes
 
-    inputs, outputs = io_specs(out, source)
+    inputs, outputs = io_specs(out)
     return Emitted(
         "onnx",
         precision,

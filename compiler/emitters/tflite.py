@@ -11,12 +11,11 @@ run its calibrator with a global min/max update instead.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.emitters.base import (
@@ -32,7 +31,7 @@ from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_ops, tfl
 from edgeship.compiler.search.fronts import choose, tflite_float_ops
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
-from edgeship.runtime.package.manifest import Quantization, TensorSpec
+from edgeship.runtime.package.manifest import TensorSpec
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static")
 
@@ -289,26 +288,14 @@ def _quantize_int8(
 
 
 def _io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The artifact's I/O under the source's names (bound by position), with its dtypes and quantization."""
-    from ai_edge_litert.interpreter import Interpreter
+    """The artifact's I/O under the source's names and shapes (bound by position), with its dtypes and quantization."""
+    from edgeship.compiler.emitters.tflite_io import io_specs
 
-    interp = Interpreter(model_path=str(path))
-    ins, outs = interp.get_input_details(), interp.get_output_details()
-
-    def spec(name: str, detail: dict[str, Any], shape: tuple[int | None, ...]) -> TensorSpec:
-        dtype = np.dtype(detail["dtype"]).name
-        params = detail.get("quantization_parameters", {})
-        scales = list(np.asarray(params.get("scales", [])).ravel())
-        quant = None
-        if dtype in ("int8", "uint8", "int16") and scales:
-            zeros = [int(z) for z in np.asarray(params["zero_points"]).ravel()]
-            axis = int(params.get("quantized_dimension", 0)) if len(scales) > 1 else None
-            quant = Quantization(tuple(float(s) for s in scales), tuple(zeros), axis)
-        return TensorSpec(name, dtype, shape, quant)
-
-    inputs = tuple(spec(t.name, d, t.shape) for t, d in zip(source.inputs, ins))
-    outputs = tuple(spec(t.name, d, t.shape) for t, d in zip(source.outputs, outs))
-    return inputs, outputs
+    inputs, outputs = io_specs(path)
+    return (
+        tuple(dataclasses.replace(spec, name=t.name, shape=t.shape) for t, spec in zip(source.inputs, inputs)),
+        tuple(dataclasses.replace(spec, name=t.name, shape=t.shape) for t, spec in zip(source.outputs, outputs)),
+    )
 
 
 def weight_bytes(path: Path) -> int:

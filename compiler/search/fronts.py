@@ -1,6 +1,6 @@
 """The layer search on real ONNX and TFLite models: which layers to keep out of int8 so the
 quantized model stays within a cosine of its fp32 source, each candidate built with the quantizer
-the emitter ships.
+the emitter ships and scored through the runtime Session.
 
 The search itself (``search_feeds``) is pure and lives in ``compiler/search/layers.py``: quantize
 everything, score each candidate layer by quantizing it alone, keep the most sensitive out of
@@ -12,6 +12,12 @@ So a search costs ``candidates + O(log candidates)`` quantize-and-run steps: for
 (49 ONNX MatMul/Gather nodes, 49 TFLite weight ops) well under a minute on two cores; static
 int8 TFLite quantizes every op (346 candidates for MiniLM), about three minutes. Every cosine
 in a result was measured on the quantized model it describes, never extrapolated.
+
+Each candidate runs in a ``Session`` opened with ``edgeship.runtime.open_unpackaged`` on the
+backend the compiler's validation uses, so the figures a search decides on come from the code
+that runs the model on a device: ONNX Runtime with the runtime's session options, LiteRT with
+the runtime's quantization of float inputs to an int8 model and dequantization of its int8
+outputs (``open_candidate``).
 
 Cosine is per sample (the sample's outputs flattened) and the figure a search compares with
 the target is the minimum over every sample of every feed: the worst sample, as the
@@ -25,18 +31,21 @@ names; TFLite names are ai-edge-quantizer op scopes.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from edgeship.compiler.emitters import onnx_io, tflite_io
 from edgeship.compiler.quantizers import FALLBACKS, Array, Feed, Quantize
 from edgeship.compiler.quantizers.onnx import OnnxQuantizer, onnx_candidates
 from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_candidates
 from edgeship.compiler.search.layers import SensitivityResult, search_feeds
 from edgeship.errors import UsageError
+from edgeship.runtime import Session, open_unpackaged
+from edgeship.runtime.package.manifest import Manifest, TensorSpec
 
 Reference = Sequence[Mapping[str, Array]] | Callable[[Feed], Mapping[str, Array]]
 
@@ -68,6 +77,73 @@ def _references(reference: Reference, feeds: Sequence[Feed]) -> list[Mapping[str
     return refs
 
 
+def open_candidate(model: Path, feed: Feed, reference: Mapping[str, Array], *, threads: int | None = None) -> Session:
+    """Open a quantized model (``.onnx`` or ``.tflite``) through the runtime, as the search scores it.
+
+    The Session takes ``feed``'s inputs and returns at least ``reference``'s outputs, as floats
+    (the runtime quantizes float inputs of an int8 model and dequantizes its int8 outputs).
+    ONNX binds them by name; TFLite by position, as the TFLite emitter binds them: the i-th key
+    of ``feed`` is the model's i-th input, the i-th key of ``reference`` its i-th output.
+    ``threads``: the runtime's ``threads`` option (None: the backend library's default).
+    Close the Session when done (it is a context manager).
+
+    Raises ``UsageError`` for another file type, or a TFLite model whose inputs ``feed`` does
+    not match in number or that has fewer outputs than ``reference`` names; and what
+    ``open_unpackaged`` raises (``ModelLoadError`` for a model the native library refuses).
+    """
+    model = Path(model)
+    if model.suffix == ".onnx":
+        inputs, outputs = onnx_io.io_specs(model)
+        return _session(model, "onnx", inputs, outputs, threads)
+    if model.suffix == ".tflite":
+        return _session(model, "tflite", *_tflite_io(model, feed, reference), threads)
+    raise UsageError(f"{model} is neither an .onnx nor a .tflite model")
+
+
+def _session(
+    model: Path, fmt: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], threads: int | None
+) -> Session:
+    """The candidate in a Session on the backend validation picks (``"auto"``), unpackaged like an
+    artifact the compiler validates before it packages it."""
+    manifest = Manifest(
+        name=model.stem,
+        version=1,
+        target="host",
+        format=fmt,
+        precision="search candidate",
+        artifact_path=model.name,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        files=(),
+    )
+    return open_unpackaged(manifest, model.parent, "auto", threads=threads)
+
+
+def _tflite_io(
+    model: Path, feed: Feed, reference: Mapping[str, Array]
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The TFLite model's I/O (dtypes, quantization) named by position after the feed's inputs and
+    the reference's outputs; outputs the reference leaves out keep the model's names."""
+    inputs, outputs = tflite_io.io_specs(model)
+    if len(feed) != len(inputs) or len(reference) > len(outputs):
+        raise UsageError(
+            f"the TFLite model {model.name} has {len(inputs)} inputs and {len(outputs)} outputs; "
+            f"the feeds give {len(feed)} inputs and the reference names {len(reference)} outputs"
+        )
+    names = [*reference, *(spec.name for spec in outputs[len(reference) :])]
+    return (
+        tuple(dataclasses.replace(spec, name=name) for spec, name in zip(inputs, feed)),
+        tuple(dataclasses.replace(spec, name=name) for spec, name in zip(outputs, names)),
+    )
+
+
+def _worst(
+    session: Session, feeds: Sequence[Feed], refs: Sequence[Mapping[str, Array]], indices: Sequence[int]
+) -> Array:
+    """The worst sample's cosine of each feed in ``indices``, run through ``session``."""
+    return np.array([cosines([session.run(feeds[i])], [refs[i]]).min() for i in indices])
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX (ONNX Runtime)
 # ---------------------------------------------------------------------------------------------
@@ -96,29 +172,26 @@ def onnx_float_nodes(
     ``reference``: the fp32 outputs, one dict per feed (output name -> array), or a callable
     computing them; only the outputs it names are compared. ``candidates`` defaults to
     ``quantize.candidates(fp32)`` when the quantizer has that method, else every
-    MatMul/Gemm/Conv/Gather node. ``scores`` reuses an earlier search's per-node scores. Runs in
-    ONNX Runtime on the CPU (``threads`` intra-op threads; default ORT's).
+    MatMul/Gemm/Conv/Gather node. ``scores`` reuses an earlier search's per-node scores. Runs
+    through the runtime's ONNX Runtime backend on the CPU (``threads`` intra-op threads; default
+    ORT's).
 
-    Raises ``UsageError`` when the model is missing or there is nothing to quantize.
+    Raises ``UsageError`` when the model is missing, there are no feeds or there is nothing to
+    quantize.
     """
-    import onnxruntime as ort
-
     fp32_onnx, feeds, refs, names = _prepare(
         "ONNX", fp32_onnx, quantize, feeds, reference, candidates, lambda p: onnx_candidates(p)
     )
+    # onnxruntime.quantization keeps the graph's inputs and outputs, so the fp32 model's describe
+    # every candidate (a candidate that differed would fail to open, naming the tensor).
+    inputs, outputs = onnx_io.io_specs(fp32_onnx)
     with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
         out = Path(tmp) / "candidate.onnx"
 
         def measure(keep: list[str], indices: Sequence[int]) -> Array:
             quantize(fp32_onnx, out, keep)
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-            wanted = list(refs[0])
-            return np.array(
-                [cosines([dict(zip(wanted, session.run(wanted, dict(feeds[i]))))], [refs[i]]).min() for i in indices]
-            )
+            with _session(out, "onnx", inputs, outputs, threads) as session:
+                return _worst(session, feeds, refs, indices)
 
         return search_feeds(
             names, measure, len(feeds), target_cosine, max_float_fraction, search_samples=search_samples, scores=scores
@@ -149,81 +222,34 @@ def tflite_float_ops(
     ``quantize(fp32, out, keep_float)`` writes the quantized model with the named scopes left
     in float (``TFLiteQuantizer`` is the TFLite emitter's). Feeds and outputs are bound by
     position, as the TFLite emitter binds them: the i-th key of a feed is the model's i-th
-    signature input, the i-th key of a reference dict its i-th output. Float feeds to an int8
-    input are quantized with the input's scale; int8 outputs are dequantized. Give the
+    input, the i-th key of a reference dict its i-th output. Float feeds to an int8 input are
+    quantized with the input's scale and int8 outputs dequantized, by the runtime. Give the
     calibration set as ``feeds``: the search runs on its ``search_samples`` hardest feeds and
     checks the answer on all (``search_feeds``). ``candidates`` defaults to
     ``quantize.candidates(fp32)`` when the quantizer has that method, else the ops of
     ``quantizers.tflite.TFLITE_WEIGHT_OPS``. ``scores`` reuses an earlier search's per-op
-    scores. Runs in ai-edge-litert (XNNPACK) with ``threads`` threads (default 1).
+    scores. Runs through the runtime's LiteRT backend (XNNPACK) with ``threads`` threads
+    (default 1).
 
-    Raises ``UsageError`` when the model is missing or there is nothing to quantize.
+    Raises ``UsageError`` when the model is missing, there are no feeds, there is nothing to
+    quantize, or the feeds and reference name other inputs or more outputs than the model has.
     """
     fp32_tflite, feeds, refs, names = _prepare(
         "TFLite", fp32_tflite, quantize, feeds, reference, candidates, lambda p: tflite_candidates(p)
     )
+    _tflite_io(fp32_tflite, feeds[0], refs[0])  # refuses feeds that do not fit the model, before any quantizing
     with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
         out = Path(tmp) / "candidate.tflite"
 
         def measure(keep: list[str], indices: Sequence[int]) -> Array:
             quantize(fp32_tflite, out, keep)
-            run = tflite_runner(out, threads)
-            result = []
-            for i in indices:
-                values = run(list(feeds[i].values()))
-                result.append(cosines([dict(zip(refs[i], values))], [refs[i]]).min())
-            return np.array(result)
+            # Read from each candidate: which I/O is int8, and at what scale, depends on the layers kept.
+            with _session(out, "tflite", *_tflite_io(out, feeds[0], refs[0]), threads or 1) as session:
+                return _worst(session, feeds, refs, indices)
 
         return search_feeds(
             names, measure, len(feeds), target_cosine, max_float_fraction, search_samples=search_samples, scores=scores
         )
-
-
-def tflite_runner(path: Path, threads: int | None = None) -> Callable[[Sequence[Array]], list[Array]]:
-    """A function running the model's first signature on positional inputs, returning float
-    outputs in signature order (int8/int16 I/O quantized and dequantized with its parameters)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path), num_threads=threads or 1)
-    signature = next(iter(interp.get_signature_list()))
-    runner = interp.get_signature_runner(signature)
-    listed = interp.get_signature_list()[signature]
-    in_names, out_names = list(listed["inputs"]), list(listed["outputs"])
-    in_details, out_details = runner.get_input_details(), runner.get_output_details()
-
-    def run(values: Sequence[Array]) -> list[Array]:
-        if len(values) != len(in_names):
-            raise UsageError(f"the model has {len(in_names)} inputs; got {len(values)}")
-        kwargs = {name: _to_input(np.asarray(v), in_details[name]) for name, v in zip(in_names, values)}
-        result = runner(**kwargs)
-        return [_from_output(result[name], out_details[name]) for name in out_names]
-
-    return run
-
-
-def _to_input(value: Array, detail: Mapping[str, Any]) -> Array:
-    dtype = np.dtype(detail["dtype"])
-    scale, zero = _quant_params(detail)
-    if dtype.kind in "iu" and value.dtype.kind == "f" and scale is not None:
-        info = np.iinfo(dtype)
-        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
-    return value.astype(dtype, copy=False)
-
-
-def _from_output(value: Array, detail: Mapping[str, Any]) -> Array:
-    scale, zero = _quant_params(detail)
-    if np.dtype(detail["dtype"]).kind in "iu" and scale is not None:
-        return (value.astype(np.float32) - zero) * scale
-    return np.asarray(value)
-
-
-def _quant_params(detail: Mapping[str, Any]) -> tuple[Any, Any]:
-    params = detail.get("quantization_parameters") or {}
-    scales = np.asarray(params.get("scales", []), np.float32)
-    if scales.size == 0:
-        return None, None
-    zeros = np.asarray(params.get("zero_points", np.zeros_like(scales)), np.float32)
-    return (scales[0], zeros[0]) if scales.size == 1 else (scales, zeros)
 
 
 def _prepare(
@@ -235,12 +261,14 @@ def _prepare(
     given: Sequence[str] | None,
     default: Callable[[Path], list[str]],
 ) -> tuple[Path, list[Feed], list[Mapping[str, Array]], list[str]]:
-    """What both searches start from: the model (which must exist), the feeds, their fp32
-    outputs, and the candidates (given, else the quantizer's own list, else ``default``)."""
+    """What both searches start from: the model (which must exist), the feeds (at least one),
+    their fp32 outputs, and the candidates (given, else the quantizer's own list, else ``default``)."""
     model = Path(model)
     if not model.is_file():
         raise UsageError(f"{kind} model {model} does not exist")
     feeds = list(feeds)
+    if not feeds:
+        raise UsageError(f"no feeds to search {model.name} on: give the calibration set")
     refs = _references(reference, feeds)
     if given is not None:
         return model, feeds, refs, list(given)

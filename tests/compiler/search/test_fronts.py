@@ -5,7 +5,8 @@ than the others (the first layer's row scaled up, the middle layer's column scal
 the float function is unchanged). Int8 with a per-tensor activation scale then wipes out the
 other 31 channels of that layer's input, so quantizing the middle layer alone ruins the output
 while the other two quantize harmlessly: a search that does not keep exactly that layer in
-float, or that claims a cosine it did not measure, fails here. Real ONNX Runtime and LiteRT.
+float, or that claims a cosine it did not measure, fails here. Real ONNX Runtime and LiteRT,
+through the runtime Session as the search runs them.
 """
 
 from __future__ import annotations
@@ -152,9 +153,10 @@ def test_tflite_search_keeps_the_outlier_op_in_float_and_reaches_the_target(mlp,
     assert len(result.kept_float) == 1 and "fc2" in result.kept_float[0], result.kept_float
     mixed = tmp_path / "mixed.tflite"
     quantize(fp32, mixed, result.kept_float)
-    run = fronts.tflite_runner(mixed)
-    got = [{"y": run([f["x"]])[0]} for f in feeds]
-    assert float(fronts.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
+    # Re-measured independently, in a bare LiteRT interpreter (the model's I/O is float).
+    assert float(fronts.cosines(_litert_outputs(mixed, feeds), reference).min()) == pytest.approx(
+        result.cosine, abs=1e-6
+    )
     # The kept op really is float: its weights stay float32, the other two are int8.
     assert _tflite_weight_dtypes(mixed) == {"float32": 1, "int8": 2}
 
@@ -267,8 +269,12 @@ def test_tflite_weight_only_fallback_in_static_int8_keeps_int8_weights(tmp_path)
     quantize(fp32, mixed, result.kept_float)
     # Every weight is stored int8 (the kept ops read theirs through a DEQUANTIZE).
     assert _tflite_weight_dtypes(mixed)["int8"] == 3
-    run = fronts.tflite_runner(mixed)
-    got = [{"y": run([f["x"]])[0]} for f in feeds]
+    # The search ran this int8-I/O model as a device does: the runtime quantized the float feeds
+    # and dequantized the outputs with the scales the model carries.
+    with fronts.open_candidate(mixed, feeds[0], reference[0]) as session:
+        assert session.backend_name == "litert"
+        assert session.manifest.inputs[0].dtype == "int8" and session.manifest.inputs[0].quantization is not None
+        got = [session.run(f) for f in feeds]
     assert float(fronts.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
     quantize.fallback = "float"
     quantize(fp32, floats, result.kept_float)
@@ -282,6 +288,16 @@ def _onnx_cosine(path: Path, feeds, reference) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [{"y": session.run(["y"], f)[0]} for f in feeds]
     return float(fronts.cosines(got, reference).min())
+
+
+def _litert_outputs(path: Path, feeds) -> list[dict[str, np.ndarray]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    (detail,) = interp.get_input_details()
+    assert np.dtype(detail["dtype"]) == np.float32
+    runner = interp.get_signature_runner()
+    return [{"y": next(iter(runner(args_0=f["x"]).values()))} for f in feeds]
 
 
 def _tflite_weight_dtypes(path: Path) -> dict[str, int]:
@@ -302,3 +318,18 @@ def test_a_missing_model_is_named_before_any_work(tmp_path):
         fronts.onnx_float_nodes(tmp_path / "absent.onnx", quantize, [], [], TARGET)
     with pytest.raises(UsageError, match=r"TFLite model .*absent\.tflite does not exist"):
         fronts.tflite_float_ops(tmp_path / "absent.tflite", TFLiteQuantizer(), [], [], TARGET)
+
+
+def test_feeds_that_do_not_fit_the_model_are_refused_with_the_counts(mlp, onnx_model, tmp_path):
+    import litert_torch
+    import torch
+
+    model, feeds, reference = mlp
+    path, _ = onnx_model
+    with pytest.raises(UsageError, match="no feeds to search"):
+        fronts.onnx_float_nodes(path, OnnxQuantizer("int8-dynamic"), [], [], TARGET)
+    fp32 = tmp_path / "mlp.tflite"
+    litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
+    two = [{"x": f["x"], "extra": f["x"]} for f in feeds]
+    with pytest.raises(UsageError, match="has 1 inputs and 1 outputs; the feeds give 2 inputs"):
+        fronts.tflite_float_ops(fp32, TFLiteQuantizer(), two, reference, TARGET)
