@@ -13,7 +13,7 @@ For two models, every target format and precision the compiler emits, built twic
   ``coremltools.optimize.coreml`` with default configs). TensorRT has no plain route here (no
   TensorRT on these machines).
 * **edgeship+sensitivity** (MiniLM): for every int8 TFLite and ONNX Runtime route whose cosine
-  misses the goal, ``edgeship.compiler.sensitivity`` picks the layers to keep in float (quantize
+  misses the goal, the layer search (``edgeship.compiler.search.fronts``) picks the layers to keep in float (quantize
   one layer at a time, keep the most sensitive in float until the target holds on 16 calibration
   sentences) and the artifact is rebuilt with exactly those layers in float.
 
@@ -829,7 +829,10 @@ def sensitivity_rows(
     """
     import torch
 
-    from edgeship.compiler import sensitivity
+    from edgeship.compiler.quantizers import FALLBACK_NOTES, FALLBACKS
+    from edgeship.compiler.quantizers.onnx import OnnxQuantizer
+    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer
+    from edgeship.compiler.search.fronts import onnx_float_nodes, tflite_float_ops
 
     work.mkdir(parents=True, exist_ok=True)
     by = {(r.format, r.precision): r for r in rows if r.path == "edgeship"}
@@ -854,15 +857,15 @@ def sensitivity_rows(
             continue
         say(f"  sensitivity {fmt} {precision} (all-int8 cos min {base.cos_min})")
         quantize: Any = (
-            sensitivity.TFLiteQuantizer(precision, calibration=calib)
+            TFLiteQuantizer(precision, calibration=calib)
             if fmt == "tflite"
-            else sensitivity.OnnxQuantizer(precision, calibration=calib)
+            else OnnxQuantizer(precision, calibration=calib)
         )
-        front = sensitivity.tflite_float_ops if fmt == "tflite" else sensitivity.onnx_float_nodes
+        front = tflite_float_ops if fmt == "tflite" else onnx_float_nodes
         # As the compiler's fallback "auto": weight-only first (the model keeps its int8 size),
         # the budget raised twice; float only when weight-only cannot reach the target at all.
         budgets = {"weight-only": (1, 2, 3), "float": (1, 2)}
-        attempts = [(fb, min(1.0, k * max_fraction)) for fb in sensitivity.FALLBACKS for k in budgets[fb]]
+        attempts = [(fb, min(1.0, k * max_fraction)) for fb in FALLBACKS for k in budgets[fb]]
         scores: dict[str, float] | None = None
         for i, (fallback, budget) in enumerate(attempts):
             if i and attempts[i - 1][0] != fallback:
@@ -873,7 +876,7 @@ def sensitivity_rows(
                 "ai-edge-quantizer, the chosen scopes "
                 if fmt == "tflite"
                 else "onnxruntime.quantization, the chosen nodes excluded and "
-            ) + f"{sensitivity.FALLBACK_NOTES[fallback]} (<= {budget:.0%} of layers)"
+            ) + f"{FALLBACK_NOTES[fallback]} (<= {budget:.0%} of layers)"
             t0 = time.perf_counter()
             try:
                 with _quiet_warnings():

@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 exactly as ``benchmarks/compile_quality.py`` builds it (token e
 ``--layers``), each quantized with the quantizers the emitters ship:
 
 * ONNX Runtime int8-qdq (static Q/DQ, MinMax) and int8-dynamic: all-int8 cosine, then the layer search
-  (``sensitivity.choose``, fallback auto, aiming at 0.995 + ``--margin`` on the calibration sentences)
+  (``search.fronts.choose``, fallback auto, aiming at 0.995 + ``--margin`` on the calibration sentences)
   and how many of the quantizable nodes it sets apart; the search's artifact measured on held-out data;
 * TFLite int8-static (ai-edge-quantizer, global min/max): all-int8 cosine (``--tflite-search``
   also runs its layer search: about 13 minutes per configuration here);
@@ -71,9 +71,11 @@ def build_rows(
     """Every artifact of one configuration (plain or smoothed), not yet measured."""
     import torch
 
-    from edgeship.compiler import sensitivity
     from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32
     from edgeship.compiler.emitters.tflite import _convert
+    from edgeship.compiler.quantizers.onnx import OnnxQuantizer
+    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer
+    from edgeship.compiler.search.fronts import choose, onnx_float_nodes, tflite_float_ops
 
     work.mkdir(parents=True, exist_ok=True)
     source = _source(case, module)
@@ -99,7 +101,7 @@ def build_rows(
     for precision in ("int8-qdq", "int8-dynamic"):
         say(f"  {config}: ONNX {precision}")
         t0 = time.perf_counter()
-        quantizer = sensitivity.OnnxQuantizer(precision, calibration=feeds if precision == "int8-qdq" else None)
+        quantizer = OnnxQuantizer(precision, calibration=feeds if precision == "int8-qdq" else None)
         out = work / f"{precision}.onnx"
         quantizer(fp32, out, [])
         row("onnx", precision, "all int8", out, t0)
@@ -107,8 +109,8 @@ def build_rows(
             continue
         say(f"  {config}: ONNX {precision} layer search")
         t0 = time.perf_counter()
-        found, used = sensitivity.choose(
-            sensitivity.onnx_float_nodes, fp32, quantizer, feeds, refs, TARGET + args.margin, args.max_fraction,
+        found, used = choose(
+            onnx_float_nodes, fp32, quantizer, feeds, refs, TARGET + args.margin, args.max_fraction,
             args.fallback,
         )  # fmt: skip
         mixed = work / f"{precision}-mixed.onnx"
@@ -123,14 +125,14 @@ def build_rows(
     tfl32 = work / "fp32.tflite"
     with cq._chatter_to(work / "convert.log"):
         _convert(source, tfl32, "android-arm64")
-    quantizer_t = sensitivity.TFLiteQuantizer("int8-static", calibration=feeds)
+    quantizer_t = TFLiteQuantizer("int8-static", calibration=feeds)
     static = work / "int8-static.tflite"
     quantizer_t(tfl32, static, [])
     row("tflite", "int8-static", "all int8", static, t0)
     if args.tflite_search:
         t0 = time.perf_counter()
-        found, used = sensitivity.choose(
-            sensitivity.tflite_float_ops, tfl32, quantizer_t, feeds, refs, TARGET + args.margin, args.max_fraction,
+        found, used = choose(
+            tflite_float_ops, tfl32, quantizer_t, feeds, refs, TARGET + args.margin, args.max_fraction,
             args.fallback,
         )  # fmt: skip
         mixed = work / "int8-static-mixed.tflite"

@@ -221,7 +221,7 @@ BUILTIN_PROFILES: tuple[TargetProfile, ...] = (
                 "without VNNI (AVX2 only): the same model can be less accurate there than on the CPU it was "
                 "validated on. The compile report's numbers are the compile host's; the recipe's "
                 "quantize.reduce_range (7-bit weights) avoids it at a cost in accuracy.",
-                evidence="Measured on an AVX2-only AMD EPYC while writing tests/test_sensitivity.py: its outlier MLP "
+                evidence="Measured on an AVX2-only AMD EPYC while writing tests/compiler/search/test_fronts.py: its outlier MLP "
                 "with fc2 in float gave cosine 0.965 with 8-bit weights (>= 0.995 on the CPU the test was written "
                 "on) and >= 0.995 with 7-bit weights; the test now uses reduce_range to pass on both kinds of CPU.",
             ),

@@ -244,14 +244,14 @@ def test_tflite_skip_rules_by_op_type_and_by_name_keep_those_ops_float(source, d
     # The skipped fully connected layers keep fp32 weights: more weight bytes than all-int8.
     assert by_type.metrics.weight_bytes > plain.metrics.weight_bytes
     # A name rule matching one op's output tensor (taken from the op list) skips that op only.
-    from edgeship.compiler import sensitivity
+    from edgeship.compiler.quantizers.tflite import tflite_ops
 
     fp32 = tmp_path / "probe.tflite"
     import litert_torch
     import torch
 
     litert_torch.convert(source.module, (torch.from_numpy(source.example["image"]),)).export(str(fp32))
-    fcs = [(scope, names) for key, scope, names in sensitivity.tflite_ops(fp32) if key.value == "FULLY_CONNECTED"]
+    fcs = [(scope, names) for key, scope, names in tflite_ops(fp32) if key.value == "FULLY_CONNECTED"]
     assert len(fcs) >= 2
     by_name = compile_with({"names": {fcs[0][1][0]: {"skip": True}}})
     assert f"(1 ops): [{fcs[0][0]!r}]" in " ".join(by_name.notes)

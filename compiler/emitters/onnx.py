@@ -24,7 +24,10 @@ from edgeship.compiler.emitters.base import (
     convert_fp32,
     fp32_references,
 )
+from edgeship.compiler.quantizers import FALLBACK_NOTES
+from edgeship.compiler.quantizers.onnx import OnnxQuantizer
 from edgeship.compiler.recipe import Recipe
+from edgeship.compiler.search.fronts import choose, onnx_float_nodes
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 
@@ -95,13 +98,11 @@ def emit(
         onnx.save(model, str(out))
         route += " + onnxruntime float16"
     else:
-        from edgeship.compiler import sensitivity
-
         _drop_value_info(fp32)
         route += " + onnxruntime.quantization"
         batch = 1 if not source.dynamic_batch else 32
         feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
-        quantizer = sensitivity.OnnxQuantizer(
+        quantizer = OnnxQuantizer(
             precision,
             calibration=feeds if precision == "int8-qdq" else None,
             exclude=exclude_nodes,
@@ -111,16 +112,15 @@ def emit(
         )
         keep_float: list[str] = []
         if min_cosine is not None:
-            found, used = sensitivity.choose(
-                sensitivity.onnx_float_nodes, fp32, quantizer, feeds, fp32_references(cache, feeds, source.reference),
-                min_cosine,
-                max_float_fraction, fallback,
-            )  # fmt: skip
+            references = fp32_references(cache, feeds, source.reference)
+            found, used = choose(
+                onnx_float_nodes, fp32, quantizer, feeds, references, min_cosine, max_float_fraction, fallback
+            )
             keep_float = list(found.kept_float)
             notes += [
                 found.summary(),
                 *found.notes,
-                f"set apart by sensitivity ({sensitivity.FALLBACK_NOTES[used]}): {keep_float}",
+                f"set apart by sensitivity ({FALLBACK_NOTES[used]}): {keep_float}",
             ]
             route += " + sensitivity"
         quantizer(fp32, out, keep_float)
@@ -136,7 +136,7 @@ def emit(
         notes.append(f"kept in float: nodes {list(exclude_nodes)}, op types {list(exclude_op_types)}")
     from edgeship.compiler.emitters.onnx_io import io_specs, weight_bytes
 
-    inputs, outputs = io_specs(out, source)
+    inputs, outputs = io_specs(out)
     return Emitted(
         "onnx",
         precision,

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeship.compiler.source import SourceModel
 from edgeship.runtime.package.manifest import TensorSpec
 
 
-def io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The artifact's I/O as ONNX Runtime sees it (names from the graph; the source's shapes when fixed)."""
+def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The artifact's I/O as ONNX Runtime sees it: names, dtypes and shapes from the graph (None
+    for a dynamic dimension)."""
     import onnxruntime as ort
 
     from edgeship.runtime.backends.onnxruntime import _info

@@ -11,12 +11,11 @@ run its calibrator with a global min/max update instead.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.emitters.base import (
@@ -27,9 +26,12 @@ from edgeship.compiler.emitters.base import (
     convert_fp32,
     fp32_references,
 )
+from edgeship.compiler.quantizers import FALLBACK_NOTES
+from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_ops, tflite_skipped
+from edgeship.compiler.search.fronts import choose, tflite_float_ops
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
-from edgeship.runtime.package.manifest import Quantization, TensorSpec
+from edgeship.runtime.package.manifest import TensorSpec
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static")
 
@@ -250,21 +252,17 @@ def _quantize_int8(
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
     global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
     weights with float compute, or float). Returns a route suffix."""
-    from edgeship.compiler import sensitivity
-
     batch = 1 if not source.dynamic_batch else 32
     feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
-    exclude = sensitivity.tflite_skipped(fp32, skipped) if skipped is not None else []
-    quantizer = sensitivity.TFLiteQuantizer(
-        precision, calibration=feeds if precision == "int8-static" else None, exclude=exclude
-    )
+    exclude = tflite_skipped(fp32, skipped) if skipped is not None else []
+    quantizer = TFLiteQuantizer(precision, calibration=feeds if precision == "int8-static" else None, exclude=exclude)
     if skipped is not None:
         notes.append(f"kept in float by the recipe's skip rules ({len(exclude)} ops): {exclude}")
     keep_float: list[str] = []
     suffix = ""
     if min_cosine is not None:
-        found, used = sensitivity.choose(
-            sensitivity.tflite_float_ops,
+        found, used = choose(
+            tflite_float_ops,
             fp32,
             quantizer,
             feeds,
@@ -277,39 +275,27 @@ def _quantize_int8(
         notes += [
             found.summary(),
             *found.notes,
-            f"set apart by sensitivity ({sensitivity.FALLBACK_NOTES[used]}; op scopes): {keep_float}",
+            f"set apart by sensitivity ({FALLBACK_NOTES[used]}; op scopes): {keep_float}",
         ]
         suffix = " + sensitivity"
     quantizer(fp32, out, keep_float)
     if precision == "int8-static":
         notes.append(f"activations calibrated on {len(feeds)} batches with global min/max")
-        lookups = sum(1 for key, _, _ in sensitivity.tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP")
+        lookups = sum(1 for key, _, _ in tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP")
         if lookups:
             notes.append(f"{lookups} embedding lookups: int8 tables, float outputs (hybrid kernel)")
     return suffix
 
 
 def _io_specs(path: Path, source: SourceModel) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The artifact's I/O under the source's names (bound by position), with its dtypes and quantization."""
-    from ai_edge_litert.interpreter import Interpreter
+    """The artifact's I/O under the source's names and shapes (bound by position), with its dtypes and quantization."""
+    from edgeship.compiler.emitters.tflite_io import io_specs
 
-    interp = Interpreter(model_path=str(path))
-    ins, outs = interp.get_input_details(), interp.get_output_details()
-
-    def spec(name: str, detail: dict[str, Any], shape: tuple[int | None, ...]) -> TensorSpec:
-        dtype = np.dtype(detail["dtype"]).name
-        params = detail.get("quantization_parameters", {})
-        scales = list(np.asarray(params.get("scales", [])).ravel())
-        quant = None
-        if dtype in ("int8", "uint8", "int16") and scales:
-            zeros = [int(z) for z in np.asarray(params["zero_points"]).ravel()]
-            axis = int(params.get("quantized_dimension", 0)) if len(scales) > 1 else None
-            quant = Quantization(tuple(float(s) for s in scales), tuple(zeros), axis)
-        return TensorSpec(name, dtype, shape, quant)
-
-    inputs = tuple(spec(t.name, d, t.shape) for t, d in zip(source.inputs, ins))
-    outputs = tuple(spec(t.name, d, t.shape) for t, d in zip(source.outputs, outs))
-    return inputs, outputs
+    inputs, outputs = io_specs(path)
+    return (
+        tuple(dataclasses.replace(spec, name=t.name, shape=t.shape) for t, spec in zip(source.inputs, inputs)),
+        tuple(dataclasses.replace(spec, name=t.name, shape=t.shape) for t, spec in zip(source.outputs, outputs)),
+    )
 
 
 def weight_bytes(path: Path) -> int:

@@ -1,13 +1,45 @@
-"""Float I/O for full-integer TFLite models: QUANTIZE in front of every int8 input, DEQUANTIZE after every int8 output.
+"""The I/O of TFLite artifacts: how a manifest describes it (``io_specs``), and float I/O for
+full-integer models (``float_io``).
 
 ai-edge-quantizer's static int8 models take and return int8. Some apps want the artifact itself
-to take floats (no quantization code in the app); this rewrites the graph with the FlatBuffer
-object API, keeping the signature's names.
+to take floats (no quantization code in the app); ``float_io`` rewrites the graph with the
+FlatBuffer object API, keeping the signature's names, with QUANTIZE in front of every int8 input
+and DEQUANTIZE after every int8 output.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from edgeship.runtime.package.manifest import Quantization, TensorSpec
+
+
+def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The model's inputs and outputs as a manifest describes them, under the model's own tensor
+    names and in the interpreter's order: dtype, shape (None for a dynamic dimension) and, for
+    int8/uint8/int16 tensors, the affine quantization the runtime applies to the caller's floats."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeship.runtime.backends.litert import _info
+
+    interp = Interpreter(model_path=str(path))
+
+    def spec(detail: dict[str, Any]) -> TensorSpec:
+        info = _info(detail)
+        dtype = info.dtype.name
+        params = detail.get("quantization_parameters", {})
+        scales = list(np.asarray(params.get("scales", [])).ravel())
+        quant = None
+        if dtype in ("int8", "uint8", "int16") and scales:
+            zeros = [int(z) for z in np.asarray(params["zero_points"]).ravel()]
+            axis = int(params.get("quantized_dimension", 0)) if len(scales) > 1 else None
+            quant = Quantization(tuple(float(s) for s in scales), tuple(zeros), axis)
+        return TensorSpec(info.name, dtype, info.shape, quant)
+
+    return tuple(spec(d) for d in interp.get_input_details()), tuple(spec(d) for d in interp.get_output_details())
 
 
 def float_io(model_bytes: bytes) -> bytes:

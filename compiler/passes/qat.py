@@ -11,7 +11,7 @@ with int8 fake quantization of what its matrix multiply reads:
   current weight at every step.
 
 Rounding passes gradients straight through (``x + (q(x) - x).detach()``). That is what the
-deployment quantizers do to these layers: ONNX Runtime int8-qdq (``sensitivity.OnnxQuantizer``:
+deployment quantizers do to these layers: ONNX Runtime int8-qdq (``quantizers.onnx.OnnxQuantizer``:
 Q/DQ on the inputs of MatMul/Gemm/Conv, per-channel int8 weights, MinMax calibration); Core ML
 w8a8 rounds the same tensors, but its activations symmetrically, which is not simulated. Per-channel symmetric weight
 rounding commutes with folding a BatchNorm into the conv (a per-channel factor), so a Conv + BN

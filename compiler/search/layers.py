@@ -17,8 +17,8 @@ The search, for a list of candidate layers (ONNX node names, or TFLite op scopes
 
 So a search costs ``candidates + O(log candidates)`` quantize-and-run steps. Every cosine in a
 result was measured on the quantized model it describes, never extrapolated. The format-specific
-fronts (``onnx_float_nodes``, ``tflite_float_ops``) and the quantizers they drive live in
-``edgeship.compiler.sensitivity``.
+fronts (``onnx_float_nodes``, ``tflite_float_ops``) are in ``edgeship.compiler.search.fronts``,
+the quantizers they drive in ``edgeship.compiler.quantizers``.
 """
 
 from __future__ import annotations

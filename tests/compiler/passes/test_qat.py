@@ -2,7 +2,7 @@
 on a trained CNN, and it hands back a plain float module (same names) reproducibly.
 
 ONNX Runtime runs for real: the models are exported by the ONNX emitter's ``export_fp32`` and
-quantized by ``sensitivity.OnnxQuantizer("int8-qdq")``, the quantizer the ONNX emitter ships."""
+quantized by ``OnnxQuantizer("int8-qdq")``, the quantizer the ONNX emitter ships."""
 
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ def ort_int8(module: Any, example: np.ndarray, names: tuple[str, str], calib: np
     sample per feed); returns a function running ONNX Runtime on a batch of samples, one at a time."""
     import onnxruntime as ort
 
-    from edgeship.compiler import sensitivity
     from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32
+    from edgeship.compiler.quantizers.onnx import OnnxQuantizer
 
     work.mkdir()
     fp32, q = work / "fp32.onnx", work / "int8.onnx"
     export_fp32(from_module(module, example, input_names=[names[0]], output_names=[names[1]]), fp32)
     _drop_value_info(fp32)
     feeds = [{names[0]: calib[i : i + 1]} for i in range(len(calib))]
-    sensitivity.OnnxQuantizer("int8-qdq", calibration=feeds)(fp32, q, [])
+    OnnxQuantizer("int8-qdq", calibration=feeds)(fp32, q, [])
     session = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"])
     return lambda x: np.concatenate([session.run(None, {names[0]: x[i : i + 1]})[0] for i in range(len(x))])
 

@@ -211,8 +211,8 @@ def _qdq_cosine(module: Any, work: Path) -> float:
     quantizer, MinMax calibration) to the fp32 module."""
     import onnxruntime as ort
 
-    from edgeship.compiler import sensitivity
     from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32
+    from edgeship.compiler.quantizers.onnx import OnnxQuantizer
 
     work.mkdir()
     fp32, q = work / "fp32.onnx", work / "q.onnx"
@@ -220,7 +220,7 @@ def _qdq_cosine(module: Any, work: Path) -> float:
     _drop_value_info(fp32)
     calib = tokens(32, 1)
     feeds = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(32)]
-    sensitivity.OnnxQuantizer("int8-qdq", calibration=feeds)(fp32, q, [])
+    OnnxQuantizer("int8-qdq", calibration=feeds)(fp32, q, [])
     session = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     held = tokens(16, 2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeship.compiler import sensitivity
 from edgeship.compiler.search import layers
 from edgeship.errors import UsageError
 
@@ -76,8 +75,3 @@ def test_search_refuses_an_empty_candidate_list_and_a_bad_fraction():
         layers.search([], lambda keep: 1.0, 0.995)
     with pytest.raises(UsageError, match="max_float_fraction"):
         layers.search(["a"], lambda keep: 1.0, 0.995, max_float_fraction=0)
-
-
-def test_sensitivity_still_exports_the_search_for_its_callers():
-    assert sensitivity.search is layers.search and sensitivity.search_feeds is layers.search_feeds
-    assert sensitivity.SensitivityResult is layers.SensitivityResult

@@ -1,11 +1,12 @@
-"""Mixed precision by per-layer sensitivity: the search keeps the layer that int8 breaks in float.
+"""The layer search on real models (compiler/search/fronts.py): it keeps the layer that int8 breaks in float.
 
 The model is a small MLP whose middle layer reads an activation with one channel 1000x larger
 than the others (the first layer's row scaled up, the middle layer's column scaled down, so
 the float function is unchanged). Int8 with a per-tensor activation scale then wipes out the
 other 31 channels of that layer's input, so quantizing the middle layer alone ruins the output
 while the other two quantize harmlessly: a search that does not keep exactly that layer in
-float, or that claims a cosine it did not measure, fails here. Real ONNX Runtime and LiteRT.
+float, or that claims a cosine it did not measure, fails here. Real ONNX Runtime and LiteRT,
+through the runtime Session as the search runs them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeship.compiler import sensitivity
+from edgeship.compiler.quantizers.onnx import OnnxQuantizer
+from edgeship.compiler.quantizers.tflite import TFLiteQuantizer
+from edgeship.compiler.search import fronts
 from edgeship.errors import UsageError
 
 TARGET = 0.995
@@ -90,10 +93,10 @@ def test_onnx_search_keeps_the_outlier_layer_in_float_and_reaches_the_target(mlp
     path, by_layer = onnx_model
     # reduce_range: 7-bit weights, so an AVX2 CPU without VNNI computes what a VNNI CPU does
     # (its u8 x s8 kernel saturates pairs of products in int16 and fc1 would need float too).
-    quantize = sensitivity.OnnxQuantizer("int8-dynamic", fallback="float", reduce_range=True)
+    quantize = OnnxQuantizer("int8-dynamic", fallback="float", reduce_range=True)
     all_int8 = tmp_path / "all.onnx"
     quantize(path, all_int8, [])
-    result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
+    result = fronts.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
 
     assert result.all_quantized_cosine < 0.99  # the model really is broken by int8 everywhere
     assert result.kept_float == [by_layer["fc2"]]
@@ -117,7 +120,7 @@ def test_onnx_static_qdq_quantizes_gemm_inputs_only_so_only_the_layer_reading_th
 
     _, feeds, reference = mlp
     path, by_layer = onnx_model
-    quantize = sensitivity.OnnxQuantizer("int8-qdq", calibration=feeds, fallback="float")
+    quantize = OnnxQuantizer("int8-qdq", calibration=feeds, fallback="float")
     all_int8 = tmp_path / "all.onnx"
     quantize(path, all_int8, [])
     graph = onnx.load(str(all_int8)).graph
@@ -125,7 +128,7 @@ def test_onnx_static_qdq_quantizes_gemm_inputs_only_so_only_the_layer_reading_th
     quantized_inputs = [producer.get(node.input[0]) for node in graph.node if node.op_type == "QuantizeLinear"]
     assert quantized_inputs and not {"Gemm", "MatMul"} & set(quantized_inputs), quantized_inputs
 
-    result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
+    result = fronts.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
     assert result.all_quantized_cosine < 0.99
     assert result.kept_float == [by_layer["fc2"]], result.summary()
     assert result.reached and result.cosine >= TARGET
@@ -139,20 +142,21 @@ def test_tflite_search_keeps_the_outlier_op_in_float_and_reaches_the_target(mlp,
     model, feeds, reference = mlp
     fp32 = tmp_path / "mlp.tflite"
     litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
-    quantize = sensitivity.TFLiteQuantizer("int8-dynamic", fallback="float")
+    quantize = TFLiteQuantizer("int8-dynamic", fallback="float")
     candidates = quantize.candidates(fp32)
     assert len(candidates) == 3, candidates  # the three FULLY_CONNECTED ops
 
-    result = sensitivity.tflite_float_ops(fp32, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
+    result = fronts.tflite_float_ops(fp32, quantize, feeds, reference, TARGET, max_float_fraction=0.5)
 
     assert result.all_quantized_cosine < 0.99
     assert result.reached and result.cosine >= TARGET, result.summary()
     assert len(result.kept_float) == 1 and "fc2" in result.kept_float[0], result.kept_float
     mixed = tmp_path / "mixed.tflite"
     quantize(fp32, mixed, result.kept_float)
-    run = sensitivity.tflite_runner(mixed)
-    got = [{"y": run([f["x"]])[0]} for f in feeds]
-    assert float(sensitivity.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
+    # Re-measured independently, in a bare LiteRT interpreter (the model's I/O is float).
+    assert float(fronts.cosines(_litert_outputs(mixed, feeds), reference).min()) == pytest.approx(
+        result.cosine, abs=1e-6
+    )
     # The kept op really is float: its weights stay float32, the other two are int8.
     assert _tflite_weight_dtypes(mixed) == {"float32": 1, "int8": 2}
 
@@ -162,15 +166,13 @@ def test_auto_fallback_takes_float_where_int8_weights_lose_the_outlier_compensat
     # rounds them to zero, so weight-only fc2 cannot reach the target; float fc2 can.
     _, feeds, reference = mlp
     path, by_layer = onnx_model
-    quantize = sensitivity.OnnxQuantizer("int8-dynamic", reduce_range=True)
-    result, used = sensitivity.choose(
-        sensitivity.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "auto"
-    )
+    quantize = OnnxQuantizer("int8-dynamic", reduce_range=True)
+    result, used = fronts.choose(fronts.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "auto")
     assert used == "float" and quantize.fallback == "float"
     assert result.kept_float == [by_layer["fc2"]] and result.reached
     assert any("weight-only fallback reached" in n for n in result.notes)
     with pytest.raises(UsageError, match="fallback is one of"):
-        sensitivity.choose(sensitivity.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "fp16")
+        fronts.choose(fronts.onnx_float_nodes, path, quantize, feeds, reference, TARGET, 0.5, "fp16")
 
 
 def test_a_weight_only_tflite_model_sets_layers_apart_as_float_in_one_search(mlp, tmp_path):
@@ -180,42 +182,17 @@ def test_a_weight_only_tflite_model_sets_layers_apart_as_float_in_one_search(mlp
     model, feeds, reference = mlp
     fp32 = tmp_path / "mlp.tflite"
     litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
-    quantize = sensitivity.TFLiteQuantizer("int8-weight-only")
+    quantize = TFLiteQuantizer("int8-weight-only")
     assert not quantize.can_weight_only
     searches = []
 
     def front(*args, **kwargs):
         searches.append(args[1].fallback)
-        return sensitivity.tflite_float_ops(*args, **kwargs)
+        return fronts.tflite_float_ops(*args, **kwargs)
 
-    result, used = sensitivity.choose(front, fp32, quantize, feeds, reference, TARGET, 0.5, "auto")
+    result, used = fronts.choose(front, fp32, quantize, feeds, reference, TARGET, 0.5, "auto")
     assert used == "float" and searches == ["float"]
     assert result.reached and len(result.kept_float) == 1 and "fc2" in result.kept_float[0]
-
-
-def test_embedding_lookups_are_no_weight_only_candidates_in_static_int8(tmp_path):
-    # Their int8 path already is weight-only; setting one apart could only make the table float.
-    import litert_torch
-    import torch
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)).eval()
-    ids = torch.tensor([[1, 7, 3]], dtype=torch.int32)
-    fp32 = tmp_path / "emb.tflite"
-    litert_torch.convert(model, (ids,)).export(str(fp32))
-    lookups = [scope for key, scope, _ in sensitivity.tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP"]
-    assert len(lookups) == 1
-    feeds = [{"ids": ids.numpy()}]
-    quantize = sensitivity.TFLiteQuantizer("int8-static", calibration=feeds)
-    assert lookups[0] not in quantize.candidates(fp32) and quantize.candidates(fp32)
-    quantize.fallback = "float"
-    assert lookups[0] in quantize.candidates(fp32)
-    # And the static model stores the table int8 (the recipe's dynamic config for lookups).
-    out = tmp_path / "static.tflite"
-    quantize(fp32, out, [])
-    from edgeship.compiler.emitters.tflite import weight_bytes
-
-    assert weight_bytes(out) < 0.4 * weight_bytes(fp32)
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +226,8 @@ def test_onnx_weight_only_fallback_reaches_the_target_with_every_weight_int8(lou
     path = tmp_path / "mlp.onnx"
     torch.onnx.export(model, (torch.from_numpy(feeds[0]["x"]),), str(path), dynamo=True, external_data=False,
                       input_names=["x"], output_names=["y"], verbose=False)  # fmt: skip
-    quantize = sensitivity.OnnxQuantizer("int8-dynamic")
-    result = sensitivity.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
+    quantize = OnnxQuantizer("int8-dynamic")
+    result = fronts.onnx_float_nodes(path, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
 
     assert result.all_quantized_cosine < 0.99, result.summary()
     assert result.reached and result.kept_float, result.summary()
@@ -281,8 +258,8 @@ def test_tflite_weight_only_fallback_in_static_int8_keeps_int8_weights(tmp_path)
         reference = [{"y": model(torch.from_numpy(f["x"])).numpy()} for f in feeds]
     fp32 = tmp_path / "mlp.tflite"
     litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
-    quantize = sensitivity.TFLiteQuantizer("int8-static", calibration=feeds)
-    result = sensitivity.tflite_float_ops(fp32, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
+    quantize = TFLiteQuantizer("int8-static", calibration=feeds)
+    result = fronts.tflite_float_ops(fp32, quantize, feeds, reference, TARGET, max_float_fraction=1.0)
 
     assert result.all_quantized_cosine < TARGET, result.summary()  # measured 0.9935
     assert result.reached and result.kept_float, result.summary()
@@ -292,22 +269,17 @@ def test_tflite_weight_only_fallback_in_static_int8_keeps_int8_weights(tmp_path)
     quantize(fp32, mixed, result.kept_float)
     # Every weight is stored int8 (the kept ops read theirs through a DEQUANTIZE).
     assert _tflite_weight_dtypes(mixed)["int8"] == 3
-    run = sensitivity.tflite_runner(mixed)
-    got = [{"y": run([f["x"]])[0]} for f in feeds]
-    assert float(sensitivity.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
+    # The search ran this int8-I/O model as a device does: the runtime quantized the float feeds
+    # and dequantized the outputs with the scales the model carries.
+    with fronts.open_candidate(mixed, feeds[0], reference[0]) as session:
+        assert session.backend_name == "litert"
+        assert session.manifest.inputs[0].dtype == "int8" and session.manifest.inputs[0].quantization is not None
+        got = [session.run(f) for f in feeds]
+    assert float(fronts.cosines(got, reference).min()) == pytest.approx(result.cosine, abs=1e-6)
     quantize.fallback = "float"
     quantize(fp32, floats, result.kept_float)
     assert _tflite_weight_dtypes(floats).get("int8", 0) == 3 - len(result.kept_float)
     assert weight_bytes(mixed) < weight_bytes(floats)
-
-
-def test_scope_regex_matches_exactly_one_scope():
-    import re
-
-    regex = sensitivity.scope_regex("model/fc2;1;")
-    assert re.search(regex, "model/fc2;1;")
-    assert not re.search(regex, "model/fc2;1;model/fc2;2;")
-    assert not re.search(regex, "xmodel/fc2;1;")
 
 
 def _onnx_cosine(path: Path, feeds, reference) -> float:
@@ -315,7 +287,17 @@ def _onnx_cosine(path: Path, feeds, reference) -> float:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [{"y": session.run(["y"], f)[0]} for f in feeds]
-    return float(sensitivity.cosines(got, reference).min())
+    return float(fronts.cosines(got, reference).min())
+
+
+def _litert_outputs(path: Path, feeds) -> list[dict[str, np.ndarray]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    (detail,) = interp.get_input_details()
+    assert np.dtype(detail["dtype"]) == np.float32
+    runner = interp.get_signature_runner()
+    return [{"y": next(iter(runner(args_0=f["x"]).values()))} for f in feeds]
 
 
 def _tflite_weight_dtypes(path: Path) -> dict[str, int]:
@@ -331,8 +313,23 @@ def _tflite_weight_dtypes(path: Path) -> dict[str, int]:
 
 
 def test_a_missing_model_is_named_before_any_work(tmp_path):
-    quantize = sensitivity.OnnxQuantizer("int8-dynamic")
+    quantize = OnnxQuantizer("int8-dynamic")
     with pytest.raises(UsageError, match=r"ONNX model .*absent\.onnx does not exist"):
-        sensitivity.onnx_float_nodes(tmp_path / "absent.onnx", quantize, [], [], TARGET)
+        fronts.onnx_float_nodes(tmp_path / "absent.onnx", quantize, [], [], TARGET)
     with pytest.raises(UsageError, match=r"TFLite model .*absent\.tflite does not exist"):
-        sensitivity.tflite_float_ops(tmp_path / "absent.tflite", sensitivity.TFLiteQuantizer(), [], [], TARGET)
+        fronts.tflite_float_ops(tmp_path / "absent.tflite", TFLiteQuantizer(), [], [], TARGET)
+
+
+def test_feeds_that_do_not_fit_the_model_are_refused_with_the_counts(mlp, onnx_model, tmp_path):
+    import litert_torch
+    import torch
+
+    model, feeds, reference = mlp
+    path, _ = onnx_model
+    with pytest.raises(UsageError, match="no feeds to search"):
+        fronts.onnx_float_nodes(path, OnnxQuantizer("int8-dynamic"), [], [], TARGET)
+    fp32 = tmp_path / "mlp.tflite"
+    litert_torch.convert(model, (torch.from_numpy(feeds[0]["x"]),)).export(str(fp32))
+    two = [{"x": f["x"], "extra": f["x"]} for f in feeds]
+    with pytest.raises(UsageError, match="has 1 inputs and 1 outputs; the feeds give 2 inputs"):
+        fronts.tflite_float_ops(fp32, TFLiteQuantizer(), two, reference, TARGET)

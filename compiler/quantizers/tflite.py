@@ -1,0 +1,238 @@
+"""The TFLite quantizer the TFLite emitter ships: ai-edge-quantizer, leaving named op scopes in
+float (``TFLiteQuantizer``), and the readers of a TFLite model's ops it works with.
+
+ai-edge-quantizer addresses ops by *scope*: the op's output tensor names joined by ``;``, with a
+trailing ``;``. ``tflite_ops`` lists a model's ops with their scopes, ``tflite_candidates`` the
+scopes a recipe quantizes, ``tflite_skipped`` the scopes a compile recipe's skip rules keep in
+float, and ``scope_regex`` turns a scope into the anchored regular expression its recipes take.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.compiler.quantizers import FALLBACKS, Feed
+from edgeship.errors import UsageError
+
+TFLITE_KINDS = ("int8-dynamic", "int8-weight-only", "int8-static")
+#: TFLite ops that carry weights: the candidates when a quantizer cannot list its own.
+TFLITE_WEIGHT_OPS = (
+    "FULLY_CONNECTED",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "TRANSPOSE_CONV",
+    "BATCH_MATMUL",
+    "EMBEDDING_LOOKUP",
+    "CONV_3D",
+)
+
+
+#: The ops a weight-only fallback applies to (ai-edge-quantizer's ``weightonly_wi8_afp32`` ops
+#: less EMBEDDING_LOOKUP), by ``qtyping.TFLOperationName`` member.
+TFLITE_WEIGHT_ONLY_OPS = (
+    "FULLY_CONNECTED",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "CONV_2D_TRANSPOSE",
+    "BATCH_MATMUL",
+)
+
+
+def scope_regex(scope: str) -> str:
+    """The anchored regex that matches exactly one ai-edge-quantizer op scope."""
+    return "^" + re.escape(scope) + "$"
+
+
+def tflite_ops(fp32_tflite: Path) -> list[tuple[Any, str, tuple[str, ...]]]:
+    """The main subgraph's ops in graph order: ``(ai-edge-quantizer op name, op scope, output
+    tensor names)``; the op name's ``.value`` is the TFLite op (``FULLY_CONNECTED``)."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    model = fb.read_model(Path(fp32_tflite).read_bytes())
+    out = []
+    for subgraph in model.subgraphs[:1]:
+        for op in subgraph.operators:
+            key = fb.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+            if key is None:
+                continue
+            names = tuple(_text(subgraph.tensors[i].name) for i in op.outputs if i >= 0)
+            out.append((key, fb.get_op_scope(op, subgraph.tensors), names))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _op_type(key: Any) -> str:
+    return str(key.value if hasattr(key, "value") else key)
+
+
+def tflite_skipped(fp32_tflite: Path, skipped: Callable[[str, str], bool]) -> list[str]:
+    """Scopes of the ops a recipe's skip rules keep in float: ``skipped(op_type, name)`` is asked
+    with the TFLite op type (``FULLY_CONNECTED``) and, in turn, the op's scope and each of its
+    output tensor names; any yes skips the op."""
+    return [
+        scope
+        for key, scope, names in tflite_ops(fp32_tflite)
+        if scope and any(skipped(_op_type(key), name) for name in (scope, *names))
+    ]
+
+
+def tflite_candidates(fp32_tflite: Path, aeq_recipe: Any | None = None) -> list[str]:
+    """Scopes of the ops ``aeq_recipe`` quantizes (an ai-edge-quantizer recipe; default the
+    dynamic int8 one), in graph order; without a recipe, ops of ``TFLITE_WEIGHT_OPS``."""
+    from ai_edge_quantizer import algorithm_manager, recipe_manager
+
+    manager = None
+    if aeq_recipe is not None:
+        manager = recipe_manager.RecipeManager()
+        manager.load_quantization_recipe(aeq_recipe)
+    out: list[str] = []
+    for key, scope, _names in tflite_ops(fp32_tflite):
+        if manager is None:
+            if _op_type(key) in TFLITE_WEIGHT_OPS:
+                out.append(scope)
+            continue
+        algorithm, _config = manager.get_quantization_configs(key, scope)
+        if algorithm != algorithm_manager.AlgorithmName.NO_QUANTIZE:
+            out.append(scope)
+    return list(dict.fromkeys(s for s in out if s))
+
+
+@dataclass
+class TFLiteQuantizer:
+    """ai-edge-quantizer with the TFLite emitter's settings, leaving named op scopes in float.
+
+    ``precision``: ``"int8-dynamic"`` (``dynamic_wi8_afp32``), ``"int8-weight-only"``
+    (``weight_only_wi8_afp32``) or ``"int8-static"`` (``static_wi8_ai8`` calibrated on
+    ``calibration`` with a global min/max, once per fp32 model; feeds bound by position).
+    Every kept scope becomes a ``NO_QUANTIZE`` entry after the recipe's ``.*`` entry, which
+    ai-edge-quantizer lets win because the last matching scope does; with ``fallback``
+    ``"weight-only"`` (default) a further entry gives the scope's weight ops (fully connected,
+    convolutions, batch matmul) int8 weights dequantized in front of a float op, so only their
+    arithmetic stays float. Embedding lookups never fall back to weight-only (that would
+    dequantize the whole table on every call): kept ones stay float.
+
+    ``static_wi8_ai8`` leaves EMBEDDING_LOOKUP out; with ``embeddings`` (default) int8-static
+    gives those tables int8 rows with float outputs (ai-edge-quantizer's dynamic-range config,
+    the lookup kernel's hybrid mode), which for a text model is most of the size.
+
+    ``exclude``: op scopes always left float (the recipe's skip rules, see ``tflite_skipped``);
+    they are no candidates for a search.
+    """
+
+    precision: str = "int8-dynamic"
+    calibration: Sequence[Feed] | None = None
+    fallback: str = "weight-only"
+    embeddings: bool = True
+    exclude: Sequence[str] = ()
+    _qsvs: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in TFLITE_KINDS:
+            raise UsageError(f"TFLiteQuantizer precisions are {', '.join(TFLITE_KINDS)}; not {self.precision!r}")
+        if self.precision == "int8-static" and not self.calibration:
+            raise UsageError("int8-static needs calibration feeds")
+        if self.fallback not in FALLBACKS:
+            raise UsageError(f"fallback is one of {', '.join(FALLBACKS)}; not {self.fallback!r}")
+
+    @property
+    def can_weight_only(self) -> bool:
+        """Whether layers set apart can keep int8 weights: not in a weight-only model already."""
+        return self.precision != "int8-weight-only"
+
+    def recipe(self) -> Any:
+        from ai_edge_quantizer import qtyping, recipe, recipe_manager
+
+        base = {
+            "int8-dynamic": recipe.dynamic_wi8_afp32,
+            "int8-weight-only": recipe.weight_only_wi8_afp32,
+            "int8-static": recipe.static_wi8_ai8,
+        }[self.precision]()
+        if self.precision != "int8-static" or not self.embeddings:
+            return base
+        manager = recipe_manager.RecipeManager()
+        manager.load_quantization_recipe(base)
+        manager.add_dynamic_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, num_bits=8)
+        return manager.get_quantization_recipe()
+
+    def candidates(self, fp32: Path) -> list[str]:
+        """Scopes of the ops this recipe quantizes, less those always excluded. With the
+        weight-only fallback, embedding lookups are no candidates: their int8 path already is
+        weight-only (int8 table, float rows out), so setting one apart could only make the
+        table float, and on MiniLM a near-zero score ranked it in by noise: 47 MB back in float."""
+        skip = set(self.exclude)
+        if self.fallback == "weight-only" and self.can_weight_only:
+            skip |= {scope for key, scope, _ in tflite_ops(fp32) if _op_type(key) == "EMBEDDING_LOOKUP"}
+        return [s for s in tflite_candidates(fp32, self.recipe()) if s not in skip]
+
+    def __call__(self, fp32: Path, out: Path, keep_float: list[str]) -> None:
+        from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
+
+        q = quantizer.Quantizer(str(fp32), self.recipe())
+        weight_only = qtyping.OpQuantizationConfig(
+            weight_tensor_config=qtyping.TensorQuantizationConfig(
+                num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE
+            ),
+            compute_precision=qtyping.ComputePrecision.FLOAT,
+            explicit_dequantize=True,
+        )
+        if keep_float:
+            # One alternation for all kept scopes: ai-edge-quantizer checks every entry against
+            # every op, and hundreds of entries made a quantize take minutes instead of seconds.
+            kept = "^(?:" + "|".join(re.escape(scope) for scope in keep_float) + ")$"
+            q.update_quantization_recipe(
+                regex=kept,
+                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
+            )
+            if self.fallback == "weight-only" and self.can_weight_only:
+                # A second, equivalent regex: entries are keyed by regex, and a later key wins.
+                for op in TFLITE_WEIGHT_ONLY_OPS:
+                    q.update_quantization_recipe(
+                        regex=f"(?:{kept})",
+                        operation_name=getattr(qtyping.TFLOperationName, op),
+                        op_config=weight_only,
+                        algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
+                    )
+        if self.exclude:  # last, so nothing set apart above can override a skip rule
+            q.update_quantization_recipe(
+                regex="^(?:" + "|".join(re.escape(scope) for scope in self.exclude) + ")$",
+                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
+            )
+        qsvs = self._calibrate(Path(fp32)) if self.precision == "int8-static" else None
+        result = q.quantize(qsvs, enable_progress_report=False)
+        result.export_model(str(out), overwrite=True)
+
+    def _calibrate(self, fp32: Path) -> Any:
+        # Global min/max: ai-edge-quantizer's default moving average clips (see the TFLite emitter).
+        # Calibrated with the full recipe, so every tensor has statistics whatever stays float.
+        if fp32 not in self._qsvs:
+            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_quantizer import calibrator, quantizer
+
+            q = quantizer.Quantizer(str(fp32), self.recipe())
+            from ai_edge_quantizer.utils import qsv_utils
+
+            interp = Interpreter(model_path=str(fp32))
+            signature = next(iter(interp.get_signature_list()))
+            native = interp.get_signature_list()[signature]["inputs"]
+            details = interp.get_signature_runner(signature).get_input_details()
+            data = [
+                {n: np.asarray(v).astype(details[n]["dtype"], copy=False) for n, v in zip(native, feed.values())}
+                for feed in self.calibration or ()
+            ]
+            calib = calibrator.Calibrator(
+                q._float_model_buffer, num_threads=1, qsv_update_func=qsv_utils.min_max_update
+            )
+            calib.calibrate({signature: data}, q._recipe_manager)
+            self._qsvs[fp32] = calib.get_model_qsvs()
+        return self._qsvs[fp32]
