@@ -591,9 +591,11 @@ def w8a8_float_ops(
 ) -> SensitivityResult:
     """The layer search (``search_feeds``) for w8a8: which ops' input activations to leave in float
     so the worst feed's cosine to ``reference`` (the fp32 source's outputs) meets ``target_cosine``.
-    Each step quantizes and runs the feeds through the reference evaluator."""
+    Each step quantizes and runs the feeds through the reference evaluator (what the
+    ``coreml-reference`` backend runs) on the program in memory: saving every candidate as a
+    package would add its weights' write and read to each of a search's steps."""
+    from edgeship.compiler.search.fronts import cosines
     from edgeship.compiler.search.layers import search_feeds
-    from edgeship.compiler.sensitivity import cosines
 
     def measure(keep: list[str], indices: Sequence[int]) -> np.ndarray:
         model, _ = quantizer(keep)
