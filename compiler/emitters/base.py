@@ -191,6 +191,14 @@ class EmitRequest:
         return kept, [n for n in named if n not in kept]
 
     @property
+    def trained_ranges(self) -> dict[str, list[float]]:
+        """``{layer: [min, max]}``: the input ranges ``quantize.qat`` trained each layer's matrix
+        multiply with, when it is the last pass (a later pass would change what the layers read);
+        else empty. Emitters that quantize the same tensors use them instead of calibrating."""
+        last = self.passes[-1] if self.passes else {}
+        return dict(last.get("ranges", {})) if last.get("pass") == "quantize.qat" else {}
+
+    @property
     def batch(self) -> int:
         """The batch the calibration data is fed in: 1 for a fixed batch dimension, else 32."""
         return self.source.feed_batch

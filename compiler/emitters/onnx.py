@@ -11,7 +11,7 @@ Choose per model, or give a budget: the validation report shows what each does t
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +25,7 @@ from edgeship.compiler.emitters.base import (
     fp32_references,
 )
 from edgeship.compiler.quantizers import FALLBACK_NOTES
-from edgeship.compiler.quantizers.onnx import OnnxQuantizer
+from edgeship.compiler.quantizers.onnx import OnnxQuantizer, layer_inputs
 from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.search.fronts import choose, onnx_float_nodes
 from edgeship.compiler.source import SourceModel
@@ -74,10 +74,14 @@ def emit(
     reduce_range: bool = False,
     calibration_method: str = "minmax",
     cache: ConversionCache | None = None,
+    trained_ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> Emitted:
     """Write ``model.onnx`` into ``workdir``. Raises ``UsageError`` for what cannot be done.
 
-    ``cache``: the fp32 export shared with the compile's other variants (exported here when None)."""
+    ``cache``: the fp32 export shared with the compile's other variants (exported here when None).
+    ``trained_ranges`` (int8-qdq): ``{layer: [min, max]}`` of what each layer's matrix multiply
+    reads, as ``quantize.qat`` trained with them; those inputs keep these ranges instead of
+    calibrated ones (the notes say how many were found in the graph)."""
     if precision not in PRECISIONS:
         raise UsageError(f"ONNX precisions are {', '.join(PRECISIONS)}; not {precision!r}")
     if precision == "int8-qdq" and calibration is None:
@@ -102,9 +106,26 @@ def emit(
         route += " + onnxruntime.quantization"
         batch = 1 if not source.dynamic_batch else 32
         feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
+        carried: dict[str, tuple[float, float]] = {}
+        if precision == "int8-qdq" and trained_ranges:
+            tensors = layer_inputs(fp32, trained_ranges)
+            for layer, tensor in tensors.items():
+                lo, hi = trained_ranges[layer]
+                seen = carried.get(tensor, (lo, hi))  # query, key and value may read one tensor
+                carried[tensor] = (min(seen[0], lo), max(seen[1], hi))
+            notes.append(
+                f"activation ranges of {len(tensors)} of {len(trained_ranges)} layers from quantize.qat (the ranges it "
+                "trained with), the other tensors calibrated"
+                + (
+                    f"; not found in the graph: {sorted(set(trained_ranges) - set(tensors))}"
+                    if len(tensors) < len(trained_ranges)
+                    else ""
+                )
+            )
         quantizer = OnnxQuantizer(
             precision,
             calibration=feeds if precision == "int8-qdq" else None,
+            input_ranges=carried,
             exclude=exclude_nodes,
             exclude_op_types=exclude_op_types,
             reduce_range=reduce_range,
@@ -179,6 +200,7 @@ class OnnxEmitter(Emitter):
             reduce_range=recipe.quantize.reduce_range,
             calibration_method=recipe.calibration_method,
             cache=request.cache,
+            trained_ranges=request.trained_ranges,
         )
 
 

@@ -39,9 +39,9 @@ it (Adam moves every weight by about the learning rate at each step, so where in
 little, training can only add to the error).
 
 Then the wrappers are removed: the pass returns a plain float module (same classes, same
-parameter names) whose weights have adapted to int8 rounding. The emitters calibrate it again with
-their own min/max on the same data, so the ranges here are not carried into the artifacts; the
-report entry records them, with the worst calibration sample's cosine of the fake-quantized model
+parameter names) whose weights have adapted to int8 rounding. The report entry's ``ranges`` are
+what the ONNX int8-qdq emitter quantizes those inputs with when this is the last pass
+(``EmitRequest.trained_ranges``); the other emitters calibrate the model again. The entry records them, with the worst calibration sample's cosine of the fake-quantized model
 to the teacher before and after training.
 """
 

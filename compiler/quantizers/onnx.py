@@ -1,5 +1,6 @@
 """The ONNX Runtime quantizer the ONNX emitter ships: ``onnxruntime.quantization``, leaving named
-nodes in float (``OnnxQuantizer``), and the nodes it can quantize (``onnx_candidates``).
+nodes in float (``OnnxQuantizer``), the nodes it can quantize (``onnx_candidates``), and which
+tensor each PyTorch layer's matrix multiply reads in the exported graph (``layer_inputs``).
 
 The layers a call keeps out of int8 become what its ``fallback`` says: int8 weights with float
 compute (``compiler/emitters/onnx_weights.py``) or plain float.
@@ -7,10 +8,13 @@ compute (``compiler/emitters/onnx_weights.py``) or plain float.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ast
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeship.compiler.quantizers import FALLBACKS, Feed
 from edgeship.errors import UsageError
@@ -26,6 +30,30 @@ def onnx_candidates(fp32_onnx: Path, op_types: Sequence[str] = ONNX_DYNAMIC_OP_T
 
     model = onnx.load(str(fp32_onnx), load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type in op_types and n.name]
+
+
+def layer_inputs(fp32_onnx: Path, layers: Iterable[str]) -> dict[str, str]:
+    """``{layer: tensor}``: the input tensor of the MatMul, Gemm or Conv node each named PyTorch
+    module (``named_modules`` name) was exported to, from the module path torch.onnx records on
+    every node (``pkg.torch.onnx.name_scopes``: the root, the module path, the op), or else from the
+    node's weight (``<layer>.weight``: a Conv with a BatchNorm folded in carries the BatchNorm's
+    path). A layer with no
+    such node, or more than one (a module called twice), is left out: its tensor is not known."""
+    import onnx
+
+    wanted = set(layers)
+    found: dict[str, list[str]] = {}
+    for node in onnx.load(str(fp32_onnx), load_external_data=False).graph.node:
+        if node.op_type not in ONNX_STATIC_OP_TYPES or not node.input:
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        path = ast.literal_eval(scopes) if scopes else []
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if len(path) >= 2 and path[-2] in wanted:
+            found.setdefault(path[-2], []).append(node.input[0])
+        elif weight.endswith(".weight") and weight.removesuffix(".weight") in wanted:
+            found.setdefault(weight.removesuffix(".weight"), []).append(node.input[0])
+    return {layer: tensors[0] for layer, tensors in found.items() if len(tensors) == 1}
 
 
 @dataclass
@@ -48,6 +76,8 @@ class OnnxQuantizer:
     (``embeddings``, default on) unless ``exclude``/``exclude_op_types`` name them.
 
     ``calibration_method`` (int8-qdq): ``"minmax"`` (default), ``"percentile"`` or ``"entropy"``.
+    ``input_ranges`` (int8-qdq): ``{tensor: (min, max)}`` that replace calibrated ranges, e.g. the
+    ranges ``quantize.qat`` trained with (``layer_inputs`` finds the tensors).
 
     ``reduce_range`` (int8-dynamic): 7-bit weights, ORT's remedy for x86 CPUs without VNNI,
     whose u8 x s8 int8 kernels (AVX2 ``vpmaddubsw``) saturate pairs of products in int16: the
@@ -64,6 +94,7 @@ class OnnxQuantizer:
     fallback: str = "weight-only"
     embeddings: bool = True
     calibration_method: str = "minmax"
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     _caches: dict[Path, Path] = field(default_factory=dict, repr=False)
     _clean: dict[Path, Path] = field(default_factory=dict, repr=False)
     _gathers: dict[Path, list[str]] = field(default_factory=dict, repr=False)
@@ -163,6 +194,10 @@ class OnnxQuantizer:
                 # attention score rounded to 8 bits again.
                 "OpTypesToExcludeOutputQuantization": [t for t in self.op_types if t in ("MatMul", "Gemm")],
                 "ActivationSymmetric": self.symmetric_activations,
+                "TensorQuantOverrides": {
+                    tensor: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                    for tensor, (lo, hi) in self.input_ranges.items()
+                },
             },
             calibration_cache_path=cache,
         )

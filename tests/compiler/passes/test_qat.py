@@ -280,3 +280,42 @@ def test_recipe_keeps_qat_settings_beside_the_quantize_rules():
         Recipe.from_dict({"passes": ["quantize.qat"], "quantize": {"qat": {"labels": "yes"}}})
     with pytest.raises(UsageError, match=r"settings for quantize.qat but passes does not list it"):
         Recipe.from_dict({"quantize": {"qat": {"epochs": 1}}})
+
+
+def test_onnx_int8_qdq_quantizes_with_the_ranges_qat_trained_with(source, digits, tmp_path):
+    """The ONNX emitter does not calibrate again what ``quantize.qat`` trained with: each layer's
+    matrix-multiply input keeps the pass's [min, max] (its QuantizeLinear scale is (max - min) / 255)."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeship.compiler import compile_model
+    from edgeship.runtime.package import TrustedKeys, generate_key, unpack_package
+
+    key = generate_key()
+    report = compile_model(
+        source,
+        ["linux-x86_64"],
+        tmp_path / "dist",
+        key,
+        recipe=Recipe.from_dict(
+            {"name": "cnn", "variants": {"linux-x86_64": ["int8-qdq"]}, "passes": ["quantize.qat"]}
+        ),
+        calibration=Dataset({"image": digits[0][:256]}),
+        evaluation=Dataset({"image": digits[1]}),
+    )
+    (variant,) = report.variants
+    assert variant.package is not None, variant
+    unpack_package(variant.package, tmp_path / "pkg", trusted_keys=TrustedKeys.of([key.public_key()]))
+    entry = json.loads((tmp_path / "pkg" / "report" / "report.json").read_text())
+    ranges = entry["passes"][-1]["ranges"]
+    assert set(ranges) == {"stem", "res", "left", "right", "hidden", "head"}
+    assert any("activation ranges of 6 of 6 layers from quantize.qat" in n for n in entry["notes"]), entry["notes"]
+    graph = onnx.load(str(tmp_path / "pkg" / "model" / "model.onnx")).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    scales = [float(constants[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"]
+    # Every layer's input is quantized with the range the pass trained with. Calibrating the tuned
+    # model again gives other ranges (its weights moved; only the image the stem reads is the same).
+    for layer, (lo, hi) in ranges.items():
+        assert any(abs(scale - (hi - lo) / 255) <= 1e-5 * scale for scale in scales), (layer, (hi - lo) / 255, scales)
