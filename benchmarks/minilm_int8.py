@@ -125,10 +125,19 @@ def build_rows(
     tfl32 = work / "fp32.tflite"
     with cq._chatter_to(work / "convert.log"):
         _convert(source, tfl32, "android-arm64")
+    row("tflite", "fp32", "litert-torch", tfl32, t0)
     quantizer_t = TFLiteQuantizer("int8-static", calibration=feeds)
     static = work / "int8-static.tflite"
     quantizer_t(tfl32, static, [])
     row("tflite", "int8-static", "all int8", static, t0)
+    say(f"  {config}: TFLite w8a16")
+    t0 = time.perf_counter()
+    quantizer_16 = TFLiteQuantizer("w8a16", calibration=feeds)
+    w8a16 = work / "w8a16.tflite"
+    quantizer_16(tfl32, w8a16, [])
+    r = row("tflite", "w8a16", "int16 activations", w8a16, t0)
+    wide = quantizer_16.wide_ops(tfl32)
+    r.notes.append(f"{len(wide)} of {len(quantizer_t.candidates(tfl32))} ops float (a tensor wider than +-1000)")
     if args.tflite_search:
         t0 = time.perf_counter()
         found, used = choose(
@@ -185,14 +194,16 @@ def build_rows(
     return rows
 
 
-def table(rows: Sequence[cq.Row], fp32_ms: float | None) -> list[str]:
+def table(rows: Sequence[cq.Row], fp32_ms: dict[str, float]) -> list[str]:
+    """The rows as markdown; latency as a ratio to the fp32 artifact of the same format (plain when built)."""
     lines = [
-        "| config | format | precision | route | cos min | cos mean | sentence cos min | set apart | ms (1 thread) | x plain fp32 |",
+        "| config | format | precision | route | cos min | cos mean | sentence cos min | set apart | ms (1 thread) | x fp32 |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         apart = next((n.split(";")[0].removeprefix("set apart ") for n in r.notes if n.startswith("set apart")), "")
-        ratio = f"{r.latency_ms / fp32_ms:.2f}" if r.latency_ms and fp32_ms else ""
+        base = fp32_ms.get(r.format)
+        ratio = f"{r.latency_ms / base:.2f}" if r.latency_ms and base else ""
         lines.append(
             f"| {r.path} | {r.format} | {r.precision} | {r.route} | {cq._fmt(r.cos_min, 4)} | {cq._fmt(r.cos_mean, 4)} "
             f"| {cq._fmt(r.sentence_cos_min, 4)} | {apart} | {cq._fmt(r.latency_ms, 2)} | {ratio} |"
@@ -255,13 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             built = build_rows(case, config, module, work / config, args, say)
         cq.measure_quality(case, built, say)
         rows += built
-        print("\n".join(table(built, None)), flush=True)
+        print("\n".join(table(built, {})), flush=True)
         for r in built:
             for note in r.notes:
                 print(f"  {r.path} {r.format} {r.precision} {r.route}: {note}", flush=True)
-    cq.measure_latency(case, [r for r in rows if r.format == "onnx"], args.seconds, 0.25, say)
-    fp32 = next((r for r in rows if r.path == "plain" and r.format == "onnx" and r.precision == "fp32"), None)
-    fp32_ms = fp32.latency_ms if fp32 else None
+    cq.measure_latency(case, [r for r in rows if r.format in ("onnx", "tflite")], args.seconds, 0.25, say)
+    fp32_ms: dict[str, float] = {}  # per format, the plain model's fp32 when it was built
+    for r in rows:
+        if r.precision == "fp32" and r.latency_ms and (r.format not in fp32_ms or r.path == "plain"):
+            fp32_ms[r.format] = r.latency_ms
     print(f"MiniLM static int8, plain vs quantize.smooth (alpha {args.alpha}, layers {args.layers})")
     print(f"machine: {machine.describe()}")
     if entry:

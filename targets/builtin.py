@@ -164,7 +164,7 @@ BUILTIN_PROFILES: tuple[TargetProfile, ...] = (
         description="Android phones (arm64-v8a) with LiteRT: XNNPACK on the CPU by default, the GPU delegate, "
         "and NNAPI (deprecated from Android 15; int8-static suits it best).",
         format="tflite",
-        precisions=("fp32", "int8-dynamic", "int8-static", "fp16", "int8-weight-only"),
+        precisions=("fp32", "int8-dynamic", "int8-static", "fp16", "int8-weight-only", "w8a16"),
         runtime="litert",
         runtime_version="2.3",
         delegates=("xnnpack", "gpu", "nnapi"),
@@ -231,7 +231,7 @@ BUILTIN_PROFILES: tuple[TargetProfile, ...] = (
         name="linux-arm64",
         description="arm64 Linux boards (Raspberry Pi 5 class) with LiteRT (ai-edge-litert) on XNNPACK.",
         format="tflite",
-        precisions=("fp32", "int8-dynamic", "int8-static", "int8-weight-only", "fp16"),
+        precisions=("fp32", "int8-dynamic", "int8-static", "int8-weight-only", "fp16", "w8a16"),
         runtime="litert",
         runtime_version="2.3",
         delegates=("xnnpack",),

@@ -30,6 +30,7 @@ PRECISIONS: tuple[str, ...] = (
     "int8-dynamic",  # int8 weights, activations quantized at run time (dynamic range)
     "int8-weight-only",  # int8 weights dequantized to float; float compute
     "int8-static",  # full integer: int8 weights and activations from calibration
+    "w8a16",  # TFLite 16x8: int8 weights, int16 activations from calibration
     "int8-qdq",  # explicit symmetric QuantizeLinear/DequantizeLinear in ONNX (TensorRT, ORT static)
     "w8a8",  # Core ML int8 weights and activations (iOS17 / macOS14 and later)
     "palettized-4bit",  # Core ML 4-bit look-up-table weights
@@ -39,7 +40,7 @@ PRECISIONS: tuple[str, ...] = (
 #: Which precisions each format can carry at all; a profile picks a subset for its device.
 PRECISIONS_BY_FORMAT: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "tflite": frozenset({"fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static"}),
+        "tflite": frozenset({"fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static", "w8a16"}),
         "onnx": frozenset({"fp32", "fp16", "int8-dynamic", "int8-qdq"}),
         "coreml": frozenset({"fp32", "fp16", "int8-weight-only", "w8a8", "palettized-4bit", "int4-block"}),
         "tensorrt-onnx": frozenset({"fp32", "fp16", "int8-qdq"}),

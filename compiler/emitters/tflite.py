@@ -2,7 +2,11 @@
 
 Precisions: ``fp32``; ``fp16`` (float16 weights); ``int8-dynamic`` (int8 weights, activations
 quantized at run time); ``int8-weight-only``; ``int8-static`` (full integer with int8 I/O; the
-runtime quantizes float inputs from the manifest, so callers still pass floats).
+runtime quantizes float inputs from the manifest, so callers still pass floats); ``w8a16``
+(TFLite's 16x8 mode: int8 weights, int16 activations, for transformers whose residual stream and
+attention mask one int8 scale cannot hold; the I/O as ai-edge-quantizer writes it, int16 outputs
+dequantized by the runtime; XNNPACK has no 16x8 kernels, so on a CPU it runs TFLite's reference
+kernels: an NPU's format more than a CPU's).
 
 Static calibration uses our own statistics: ai-edge-quantizer's default calibration averages
 per-batch min/max, which clips outputs (measured: max logit error 5.7 instead of 0.4). We
@@ -27,13 +31,13 @@ from edgeship.compiler.emitters.base import (
     fp32_references,
 )
 from edgeship.compiler.quantizers import FALLBACK_NOTES
-from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_ops, tflite_skipped
+from edgeship.compiler.quantizers.tflite import TFLITE_STATIC, WIDE_RANGE, TFLiteQuantizer, tflite_ops, tflite_skipped
 from edgeship.compiler.search.fronts import choose, tflite_float_ops
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import TensorSpec
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight-only", "int8-static", "w8a16")
 
 
 def emit(
@@ -63,8 +67,8 @@ def emit(
         raise UsageError(
             "TFLite artifacts are converted from PyTorch or Keras models; an ONNX source goes to onnx or tensorrt targets"
         )
-    if precision == "int8-static" and calibration is None:
-        raise UsageError("int8-static needs calibration data (--calib); or choose int8-dynamic, which needs none")
+    if precision in TFLITE_STATIC and calibration is None:
+        raise UsageError(f"{precision} needs calibration data (--calib); or choose int8-dynamic, which needs none")
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = workdir / "model_fp32.tflite"
     # The target only names itself in a conversion error: keyed by it, so a cached error names the right one.
@@ -125,13 +129,13 @@ class TFLiteEmitter(Emitter):
     label = "TFLite"
     precisions = PRECISIONS
     sources = frozenset({"torch", "keras"})
-    layer_search = ("int8-static", "int8-dynamic", "int8-weight-only")
+    layer_search = ("int8-static", "w8a16", "int8-dynamic", "int8-weight-only")
 
     def emit(self, request: EmitRequest) -> Emitted:
         recipe, profile = request.recipe, request.profile
-        if recipe.calibration_method != "minmax" and request.precision == "int8-static":
+        if recipe.calibration_method != "minmax" and request.precision in TFLITE_STATIC:
             raise UsageError(
-                f"TFLite int8-static calibrates with minmax only, not {recipe.calibration_method}; "
+                f"TFLite {request.precision} calibrates with minmax only, not {recipe.calibration_method}; "
                 "remove calibration.method from the recipe or choose an onnx target"
             )
         return emit(
@@ -252,10 +256,9 @@ def _quantize_int8(
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
     global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
     weights with float compute, or float). Returns a route suffix."""
-    batch = 1 if not source.dynamic_batch else 32
-    feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
+    feeds = list(calibration.batches(source.feed_batch)) if calibration is not None else [dict(source.example)]
     exclude = tflite_skipped(fp32, skipped) if skipped is not None else []
-    quantizer = TFLiteQuantizer(precision, calibration=feeds if precision == "int8-static" else None, exclude=exclude)
+    quantizer = TFLiteQuantizer(precision, calibration=feeds if precision in TFLITE_STATIC else None, exclude=exclude)
     if skipped is not None:
         notes.append(f"kept in float by the recipe's skip rules ({len(exclude)} ops): {exclude}")
     keep_float: list[str] = []
@@ -279,8 +282,15 @@ def _quantize_int8(
         ]
         suffix = " + sensitivity"
     quantizer(fp32, out, keep_float)
-    if precision == "int8-static":
-        notes.append(f"activations calibrated on {len(feeds)} batches with global min/max")
+    wide = quantizer.wide_ops(fp32)
+    if wide:
+        notes.append(
+            f"{len(wide)} ops read or write a tensor wider than +-{WIDE_RANGE:g} (an additive attention mask): "
+            "kept float, one int16 scale would round what they carry away"
+        )
+    if precision in TFLITE_STATIC:
+        bits = "int16 (TFLite 16x8)" if precision == "w8a16" else "int8"
+        notes.append(f"{bits} activations calibrated on {len(feeds)} batches with global min/max")
         lookups = sum(1 for key, _, _ in tflite_ops(fp32) if key.value == "EMBEDDING_LOOKUP")
         if lookups:
             notes.append(f"{lookups} embedding lookups: int8 tables, float outputs (hybrid kernel)")

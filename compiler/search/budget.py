@@ -39,7 +39,8 @@ from typing import Any
 from edgeship.errors import UsageError
 
 #: Precisions from the smallest artifact to the largest (weights in 4 bits, then 8, then 16, 32);
-#: among int8 ones, those that also run int8 arithmetic first.
+#: among int8 ones, those that also run int8 arithmetic first; w8a16 (int8 weights, int16
+#: activations) after them all: a CPU runs it on TFLite's reference kernels, slower than float.
 PRECISION_ORDER = (
     "int4-block",
     "palettized-4bit",
@@ -48,14 +49,15 @@ PRECISION_ORDER = (
     "w8a8",
     "int8-dynamic",
     "int8-weight-only",
+    "w8a16",
     "fp16",
     "fp32",
 )
 FLOAT_PRECISIONS = ("fp16", "fp32")
 #: Precisions whose activations are quantized (per tensor): where smoothing outliers can help.
-ACTIVATION_QUANTIZED = ("int8-static", "int8-qdq", "w8a8", "int8-dynamic")
+ACTIVATION_QUANTIZED = ("int8-static", "int8-qdq", "w8a8", "int8-dynamic", "w8a16")
 #: Precisions whose activations have calibrated (static) ranges: what ``quantize.qat`` trains for.
-STATIC_ACTIVATIONS = ("int8-static", "int8-qdq", "w8a8")
+STATIC_ACTIVATIONS = ("int8-static", "int8-qdq", "w8a8", "w8a16")
 
 
 @dataclass(frozen=True)
