@@ -407,7 +407,8 @@ def search_target(
     """Choose the target's artifact with the budget search and package only the winner.
 
     Candidates (``search_budget.candidates``): the precisions the recipe names for the target, else
-    every precision it offers that this request can build, smallest artifact first; then other
+    every precision it offers that this request can build but ``search_budget.OPT_IN`` (w8a16),
+    smallest artifact first; then other
     calibrations and mixed precision where the emitter has them; fp16 and fp32 last. Each is built
     through the normal emit + validate path on the held-out data. A candidate's budget is the
     user's (``budget``) merged with the quality gate's (``quality.budget``: the recipe's
@@ -418,7 +419,7 @@ def search_target(
     """
     user = budget or search_budget.Budget()
     emitter = emitters.get(profile.format)
-    wanted = recipe.variants.get(profile.name, profile.precisions)
+    wanted = recipe.variants.get(profile.name) or [p for p in profile.precisions if p not in search_budget.OPT_IN]
     buildable = []
     for precision in wanted:
         try:

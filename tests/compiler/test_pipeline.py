@@ -264,6 +264,9 @@ def test_calibration_data_without_a_named_precision_searches_under_the_default_b
     # The smallest candidate first (static int8, the calibration data allows it), under the
     # default gate for quantized precisions without labels.
     assert first["name"] == "int8-static" and first["budget"] == "cosine >= 0.99"
+    # w8a16 is offered by the profile but tried only when the recipe names it (an NPU format).
+    listed = [t["name"] for t in search["trials"]] + search["not_tried"]
+    assert "fp16" in listed and not any(name.startswith("w8a16") for name in listed)
     assert variant.error is None and variant.precision == search["winner_precision"]
     assert variant.package is not None and variant.package.name.endswith(f"-{variant.precision}-v1.edgepkg")
 
