@@ -155,42 +155,32 @@ def build_rows(
 
         coreml.register()
 
-        say(f"  {config}: Core ML w8a8 ({args.coreml_samples} calibration sentences)")
-        t0 = time.perf_counter()
-        path = work / "w8a8.mlpackage"
-        with cq._chatter_to(work / "coreml.log"):
-            emit_coreml(
-                module,
-                tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names),
-                case.input_names,
-                [case.output_name],
-                "w8a8",
-                "iOS17",
-                path,
-                calibration=feeds[: args.coreml_samples],
-            )
-        row("coreml", "w8a8", "coremltools, reference evaluator", path, t0)
-        say(f"  {config}: Core ML w8a8 layer search")
-        t0 = time.perf_counter()
-        path = work / "w8a8-mixed.mlpackage"
-        with cq._chatter_to(work / "coreml.log"):
-            result = emit_coreml(
-                module,
-                tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names),
-                case.input_names,
-                [case.output_name],
-                "w8a8",
-                "iOS17",
-                path,
-                calibration=feeds[: args.coreml_samples],
-                min_cosine=TARGET + args.margin,
-                max_float_fraction=args.max_fraction,
-            )
-        r = row("coreml", "w8a8", "layer search, reference evaluator", path, t0)
-        if result.search is not None:
-            found = result.search
-            r.kept_float = list(found.kept_float)
-            r.notes.append(f"set apart {len(found.kept_float)} of {found.candidates}; {found.summary()}")
+        searches: list[tuple[str, str, dict[str, Any]]] = [
+            ("w8a8", "coremltools, reference evaluator", {}),
+            ("w8a8-mixed", "layer search, reference evaluator",
+             {"min_cosine": TARGET + args.margin, "max_float_fraction": args.max_fraction}),
+        ]  # fmt: skip
+        for name, route, search in searches:
+            say(f"  {config}: Core ML {route} ({args.coreml_samples} calibration sentences)")
+            t0 = time.perf_counter()
+            path = work / f"{name}.mlpackage"
+            with cq._chatter_to(work / "coreml.log"):
+                result = emit_coreml(
+                    module,
+                    tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names),
+                    case.input_names,
+                    [case.output_name],
+                    "w8a8",
+                    "iOS17",
+                    path,
+                    calibration=feeds[: args.coreml_samples],
+                    **search,
+                )
+            r = row("coreml", "w8a8", route, path, t0)
+            if result.search is not None:
+                found = result.search
+                r.kept_float = list(found.kept_float)
+                r.notes.append(f"set apart {len(found.kept_float)} of {found.candidates}; {found.summary()}")
     return rows
 
 
