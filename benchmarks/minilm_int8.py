@@ -74,7 +74,7 @@ def build_rows(
     from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32
     from edgeship.compiler.emitters.tflite import _convert
     from edgeship.compiler.quantizers.onnx import OnnxQuantizer
-    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer
+    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_candidates
     from edgeship.compiler.search.fronts import choose, onnx_float_nodes, tflite_float_ops
 
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,8 @@ def build_rows(
     quantizer_16(tfl32, w8a16, [])
     r = row("tflite", "w8a16", "int16 activations", w8a16, t0)
     wide = quantizer_16.wide_ops(tfl32)
-    r.notes.append(f"{len(wide)} of {len(quantizer_t.candidates(tfl32))} ops float (a tensor wider than +-1000)")
+    quantized = len(tflite_candidates(tfl32, quantizer_16.recipe()))
+    r.notes.append(f"{len(wide)} of the {quantized} ops w8a16 quantizes left float (a tensor wider than +-1000)")
     if args.tflite_search:
         t0 = time.perf_counter()
         found, used = choose(

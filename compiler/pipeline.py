@@ -419,7 +419,10 @@ def search_target(
     """
     user = budget or search_budget.Budget()
     emitter = emitters.get(profile.format)
-    wanted = recipe.variants.get(profile.name) or [p for p in profile.precisions if p not in search_budget.OPT_IN]
+    if profile.name in recipe.variants:
+        wanted = list(recipe.variants[profile.name])
+    else:
+        wanted = [p for p in profile.precisions if p not in search_budget.OPT_IN]
     buildable = []
     for precision in wanted:
         try:

@@ -31,10 +31,11 @@ quantize/dequantize pairs from those ranges.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -207,7 +208,7 @@ def emit_coreml(
                 notes += [
                     found.summary(),
                     *found.notes,
-                    f"set apart by sensitivity (input activations float, weights int8): {keep_float}",
+                    f"set apart by sensitivity (activations float, weights int8): {keep_float}",
                 ]
             mlmodel, pairs = quantizer(keep_float)
             notes.append(
@@ -324,7 +325,7 @@ def _torch_outputs(
     import torch
 
     outs = []
-    with torch.no_grad():
+    with _eval_mode(module), torch.no_grad():  # as traced: no dropout in the reference
         for sample in samples:
             got = module(*(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in input_names))
             got = got if isinstance(got, (tuple, list)) else (got,)
@@ -350,22 +351,30 @@ def _output_spec(name: str, var: Any) -> TensorSpec:
     return TensorSpec(name, "float32", tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in var.shape))
 
 
-def _trace(module: Any, example_inputs: tuple[Any, ...]) -> Any:
-    import torch
-
+@contextlib.contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    """``module`` in eval mode inside the block, its own mode restored after (a torch.export
+    program's module has no train/eval modes: left as it is)."""
     was_training = module.training
     try:
         module.eval()
-    except NotImplementedError:  # a torch.export program's module has no train/eval modes
-        was_training = None
+    except NotImplementedError:
+        yield
+        return
     try:
-        with torch.no_grad():
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _trace(module: Any, example_inputs: tuple[Any, ...]) -> Any:
+    import torch
+
+    try:
+        with _eval_mode(module), torch.no_grad():
             return torch.jit.trace(module, example_inputs)
     except Exception as exc:  # torch raises assorted types for untraceable models
         raise UsageError(f"torch.jit.trace cannot trace the model: {_first_line(exc)}") from exc
-    finally:
-        if was_training is not None:
-            module.train(was_training)
 
 
 # ---------------------------------------------------------------------------- weight compression
@@ -505,8 +514,8 @@ class W8A8Quantizer:
     quantize the weights (int8, per channel): the whole w8a8 model, so a layer search measures
     what ships.
 
-    Calling it with ``keep_float`` (op names) leaves those ops' input activations in float: the
-    layer search's fallback (their weights stay int8, so the model keeps its size). ``candidates``
+    Calling it with ``keep_float`` (op names) leaves those ops' activations in float (the inputs,
+    and a conv's output, which the passes would otherwise quantize): the layer search's fallback (their weights stay int8, so the model keeps its size). ``candidates``
     lists the ops whose inputs the passes quantize, the layer search's choices.
     """
 
@@ -592,8 +601,7 @@ def w8a8_float_ops(
     """The layer search (``search_feeds``) for w8a8: which ops' input activations to leave in float
     so the worst feed's cosine to ``reference`` (the fp32 source's outputs) meets ``target_cosine``.
     Each step quantizes and runs the feeds through the reference evaluator (what the
-    ``coreml-reference`` backend runs) on the program in memory: saving every candidate as a
-    package would add its weights' write and read to each of a search's steps."""
+    ``coreml-reference`` backend runs)."""
     from edgeship.compiler.search.fronts import cosines
     from edgeship.compiler.search.layers import search_feeds
 

@@ -109,10 +109,11 @@ def emit(
         carried: dict[str, tuple[float, float]] = {}
         if precision == "int8-qdq" and trained_ranges:
             tensors = layer_inputs(fp32, trained_ranges)
-            for layer, tensor in tensors.items():
-                lo, hi = trained_ranges[layer]
-                seen = carried.get(tensor, (lo, hi))  # query, key and value may read one tensor
-                carried[tensor] = (min(seen[0], lo), max(seen[1], hi))
+            for layer, read in tensors.items():
+                lo, hi = trained_ranges[layer]  # over every call of the layer, as the pass measured it
+                for tensor in read:
+                    seen = carried.get(tensor, (lo, hi))  # query, key and value may read one tensor
+                    carried[tensor] = (min(seen[0], lo), max(seen[1], hi))
             notes.append(
                 f"activation ranges of {len(tensors)} of {len(trained_ranges)} layers from quantize.qat (the ranges it "
                 "trained with), the other tensors calibrated"

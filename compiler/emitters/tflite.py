@@ -67,6 +67,11 @@ def emit(
         raise UsageError(
             "TFLite artifacts are converted from PyTorch or Keras models; an ONNX source goes to onnx or tensorrt targets"
         )
+    if precision == "w8a16" and static_io == "float":
+        raise UsageError(
+            "tflite.static_io: float is for int8-static; a w8a16 model keeps its int16 I/O (the runtime "
+            "quantizes float inputs and dequantizes int16 outputs for the caller): remove static_io from the recipe"
+        )
     if precision in TFLITE_STATIC and calibration is None:
         raise UsageError(f"{precision} needs calibration data (--calib); or choose int8-dynamic, which needs none")
     workdir.mkdir(parents=True, exist_ok=True)

@@ -32,13 +32,12 @@ def onnx_candidates(fp32_onnx: Path, op_types: Sequence[str] = ONNX_DYNAMIC_OP_T
     return [n.name for n in model.graph.node if n.op_type in op_types and n.name]
 
 
-def layer_inputs(fp32_onnx: Path, layers: Iterable[str]) -> dict[str, str]:
-    """``{layer: tensor}``: the input tensor of the MatMul, Gemm or Conv node each named PyTorch
-    module (``named_modules`` name) was exported to, from the module path torch.onnx records on
-    every node (``pkg.torch.onnx.name_scopes``: the root, the module path, the op), or else from the
-    node's weight (``<layer>.weight``: a Conv with a BatchNorm folded in carries the BatchNorm's
-    path). A layer with no
-    such node, or more than one (a module called twice), is left out: its tensor is not known."""
+def layer_inputs(fp32_onnx: Path, layers: Iterable[str]) -> dict[str, list[str]]:
+    """``{layer: [tensor, ...]}``: the input tensors of the MatMul, Gemm or Conv nodes each named
+    PyTorch module (``named_modules`` name) was exported to (one per call of the module), from the
+    module path torch.onnx records on every node (``pkg.torch.onnx.name_scopes``: the root, the
+    module path, the op), or else from the node's weight (``<layer>.weight``: a Conv with a
+    BatchNorm folded in carries the BatchNorm's path). A layer with no such node is left out."""
     import onnx
 
     wanted = set(layers)
@@ -53,7 +52,7 @@ def layer_inputs(fp32_onnx: Path, layers: Iterable[str]) -> dict[str, str]:
             found.setdefault(path[-2], []).append(node.input[0])
         elif weight.endswith(".weight") and weight.removesuffix(".weight") in wanted:
             found.setdefault(weight.removesuffix(".weight"), []).append(node.input[0])
-    return {layer: tensors[0] for layer, tensors in found.items() if len(tensors) == 1}
+    return found
 
 
 @dataclass

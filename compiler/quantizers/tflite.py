@@ -26,7 +26,7 @@ TFLITE_STATIC = ("int8-static", "w8a16")
 #: w8a16 leaves in float every op that reads or writes a tensor whose calibrated range reaches past
 #: +-WIDE_RANGE: an additive attention mask (-10,000, or the dtype's minimum) and what it flows into.
 #: One int16 scale for it is a step of 0.3 on the attention scores; MiniLM's worst held-out sentence
-#: was 0.9941 with them int16 and 0.9960 with them float (27 of its 346 quantized ops).
+#: was 0.9941 with them int16 and 0.9960 with them float (smoothed: 27 of the 346 ops w8a16 quantizes).
 WIDE_RANGE = 1000.0
 #: TFLite ops that carry weights: the candidates when a quantizer cannot list its own.
 TFLITE_WEIGHT_OPS = (
@@ -144,6 +144,7 @@ class TFLiteQuantizer:
     embeddings: bool = True
     exclude: Sequence[str] = ()
     _qsvs: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _wide: dict[Path, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in TFLITE_KINDS:
@@ -197,14 +198,7 @@ class TFLiteQuantizer:
             explicit_dequantize=True,
         )
         if keep_float:
-            # One alternation for all kept scopes: ai-edge-quantizer checks every entry against
-            # every op, and hundreds of entries made a quantize take minutes instead of seconds.
-            kept = "^(?:" + "|".join(re.escape(scope) for scope in keep_float) + ")$"
-            q.update_quantization_recipe(
-                regex=kept,
-                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
-            )
+            kept = _left_float(q, keep_float)
             if self.fallback == "weight-only" and self.can_weight_only:
                 # A second, equivalent regex: entries are keyed by regex, and a later key wins.
                 for op in TFLITE_WEIGHT_ONLY_OPS:
@@ -214,28 +208,24 @@ class TFLiteQuantizer:
                         op_config=weight_only,
                         algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
                     )
-        if self.exclude:  # last, so nothing set apart above can override a skip rule
-            q.update_quantization_recipe(
-                regex="^(?:" + "|".join(re.escape(scope) for scope in self.exclude) + ")$",
-                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
-            )
-        wide = self.wide_ops(Path(fp32))
-        if wide:
-            q.update_quantization_recipe(
-                regex="^(?:" + "|".join(re.escape(scope) for scope in wide) + ")$",
-                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
-            )
+        always = [*self.exclude, *self.wide_ops(Path(fp32))]
+        if always:  # last, so nothing set apart above can override a skip rule or a wide tensor
+            _left_float(q, always)
         qsvs = self._calibrate(Path(fp32)) if self.precision in TFLITE_STATIC else None
         result = q.quantize(qsvs, enable_progress_report=False)
         result.export_model(str(out), overwrite=True)
 
     def wide_ops(self, fp32: Path) -> list[str]:
         """w8a16: scopes of the ops that read or write a tensor whose calibrated range reaches past
-        +-``WIDE_RANGE``, left float (empty for the other kinds)."""
+        +-``WIDE_RANGE``, left float (empty for the other kinds). Found once per fp32 model."""
         if self.precision != "w8a16":
             return []
+        fp32 = Path(fp32)
+        if fp32 not in self._wide:
+            self._wide[fp32] = self._find_wide(fp32)
+        return self._wide[fp32]
+
+    def _find_wide(self, fp32: Path) -> list[str]:
         from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
         qsvs = self._calibrate(Path(fp32))
@@ -279,3 +269,19 @@ class TFLiteQuantizer:
             calib.calibrate({signature: data}, q._recipe_manager)
             self._qsvs[fp32] = calib.get_model_qsvs()
         return self._qsvs[fp32]
+
+
+def _left_float(q: Any, scopes: Sequence[str]) -> str:
+    """Add one ``NO_QUANTIZE`` entry for ``scopes`` to the ai-edge-quantizer ``q``; returns its regex.
+
+    One alternation for all the scopes: ai-edge-quantizer checks every entry against every op, and
+    hundreds of entries made a quantize take minutes instead of seconds."""
+    from ai_edge_quantizer import algorithm_manager, qtyping
+
+    regex = "^(?:" + "|".join(re.escape(scope) for scope in scopes) + ")$"
+    q.update_quantization_recipe(
+        regex=regex,
+        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
+    )
+    return regex

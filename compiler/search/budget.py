@@ -61,7 +61,7 @@ OPT_IN = ("w8a16",)
 #: Precisions whose activations are quantized (per tensor): where smoothing outliers can help.
 ACTIVATION_QUANTIZED = ("int8-static", "int8-qdq", "w8a8", "int8-dynamic", "w8a16")
 #: Precisions whose activations have calibrated (static) ranges: what ``quantize.qat`` trains for.
-STATIC_ACTIVATIONS = ("int8-static", "int8-qdq", "w8a8", "w8a16")
+STATIC_ACTIVATIONS = ("int8-static", "int8-qdq", "w8a8")  # not w8a16: quantize.qat trains int8 rounding
 
 
 @dataclass(frozen=True)

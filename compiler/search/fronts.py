@@ -110,7 +110,7 @@ def _session(
         version=1,
         target="host",
         format=fmt,
-        precision="search candidate",
+        precision="search-candidate",
         artifact_path=model.name,
         inputs=tuple(inputs),
         outputs=tuple(outputs),

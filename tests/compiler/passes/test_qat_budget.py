@@ -43,17 +43,17 @@ def test_qat_is_the_last_candidate_and_ships_when_it_holds(source: Any, digits: 
     # 0.99793, QAT 0.99832 (Intel Xeon, before w8a8 had a layer search). Float kernels differ by
     # CPU, so the budget below comes from this machine's own QAT figure (training is deterministic).
     assert cosine["qat"] > cosine["ptq"]
-    budget = cosine["qat"] - 1e-9
+    best_before = max(cosine["ptq"], cosine["mixed"])
+    if cosine["qat"] <= best_before:
+        pytest.skip(f"the layer search ({cosine['mixed']:.6f}) came as near as QAT ({cosine['qat']:.6f}) on this CPU")
+    budget = (best_before + cosine["qat"]) / 2  # PTQ and the layer search miss it, QAT holds it
     report, key = _compile(source, digits, tmp_path / "dist", budget)
     search = report.searches["ios17"]
-    first_held = next(t for t in search["trials"] if t["held"])
-    assert first_held["name"] == search["winner"] and first_held is search["trials"][-1]
-    assert all(t["cosine"] < budget for t in search["trials"][:-1])
-    if first_held["kind"] == "qat":  # the layer search fell short of QAT (as on both CPUs measured)
-        assert search["winner"] == "w8a8 (QAT)"
-        (variant,) = report.variants
-        manifest = verify_package(variant.package, trusted_keys=TrustedKeys.of([key.public_key()])).manifest
-        assert [s.name for s in Recipe.from_dict(manifest.provenance.recipe).passes] == ["quantize.qat"]
+    assert [t["held"] for t in search["trials"]] == [False, False, True]
+    assert search["winner"] == "w8a8 (QAT)"
+    (variant,) = report.variants
+    manifest = verify_package(variant.package, trusted_keys=TrustedKeys.of([key.public_key()])).manifest
+    assert [s.name for s in Recipe.from_dict(manifest.provenance.recipe).passes] == ["quantize.qat"]
 
 
 def test_variants_are_held_to_the_model_before_quantize_passes_and_after_the_others(

@@ -80,3 +80,19 @@ def test_w8a16_holds_a_bert_that_int8_static_loses_and_keeps_the_mask_float(tmp_
     assert w8a16.metrics.cosine_min > 0.999
     assert 1 - w8a16.metrics.cosine_min < (1 - int8.metrics.cosine_min) / 10
     assert np.isfinite(w8a16.metrics.latency_median_ms)
+
+
+def test_w8a16_refuses_float_io_before_converting(tmp_path):
+    import numpy as np
+    import pytest
+    import torch
+
+    from edgeship.compiler import Dataset, from_module
+    from edgeship.compiler.emitters.tflite import emit
+    from edgeship.errors import UsageError
+
+    x = np.zeros((1, 4), np.float32)
+    source = from_module(torch.nn.Linear(4, 2).eval(), x, input_names=["x"])
+    with pytest.raises(UsageError, match="static_io: float is for int8-static; a w8a16 model keeps its int16 I/O"):
+        emit(source, "w8a16", tmp_path / "w", Dataset({"x": x}), static_io="float")
+    assert not (tmp_path / "w").exists()  # refused before any work
