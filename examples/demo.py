@@ -137,6 +137,8 @@ def qat_and_compile(model: Any, digits: Any) -> None:
         f"{time.perf_counter() - t0:.0f} s with the compile)"
     )
     show_variants(report)
+    for note in (n for v in report.variants for n in v.notes if "from quantize.qat" in n):
+        print(f"  {note}")  # the int8 artifact quantizes with the ranges the pass trained with
 
 
 def main() -> None:
