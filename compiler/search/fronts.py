@@ -92,11 +92,17 @@ def open_candidate(model: Path, feed: Feed, reference: Mapping[str, Array], *, t
     ``open_unpackaged`` raises (``ModelLoadError`` for a model the native library refuses).
     """
     model = Path(model)
+    return _session(model, *_io(model, feed, reference), threads)
+
+
+def _io(
+    model: Path, feed: Feed, reference: Mapping[str, Array]
+) -> tuple[str, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The candidate's format and I/O as its Session is opened with (see ``open_candidate``)."""
     if model.suffix == ".onnx":
-        inputs, outputs = onnx_io.io_specs(model)
-        return _session(model, "onnx", inputs, outputs, threads)
+        return ("onnx", *onnx_io.io_specs(model))
     if model.suffix == ".tflite":
-        return _session(model, "tflite", *_tflite_io(model, feed, reference), threads)
+        return ("tflite", *_tflite_io(model, feed, reference))
     raise UsageError(f"{model} is neither an .onnx nor a .tflite model")
 
 
@@ -179,23 +185,10 @@ def onnx_float_nodes(
     Raises ``UsageError`` when the model is missing, there are no feeds or there is nothing to
     quantize.
     """
-    fp32_onnx, feeds, refs, names = _prepare(
-        "ONNX", fp32_onnx, quantize, feeds, reference, candidates, lambda p: onnx_candidates(p)
-    )
-    # onnxruntime.quantization keeps the graph's inputs and outputs, so the fp32 model's describe
-    # every candidate (a candidate that differed would fail to open, naming the tensor).
-    inputs, outputs = onnx_io.io_specs(fp32_onnx)
-    with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
-        out = Path(tmp) / "candidate.onnx"
-
-        def measure(keep: list[str], indices: Sequence[int]) -> Array:
-            quantize(fp32_onnx, out, keep)
-            with _session(out, "onnx", inputs, outputs, threads) as session:
-                return _worst(session, feeds, refs, indices)
-
-        return search_feeds(
-            names, measure, len(feeds), target_cosine, max_float_fraction, search_samples=search_samples, scores=scores
-        )
+    return _search(
+        "ONNX", fp32_onnx, quantize, feeds, reference, target_cosine, max_float_fraction, onnx_candidates,
+        candidates, search_samples, scores, threads,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,17 +227,40 @@ def tflite_float_ops(
     Raises ``UsageError`` when the model is missing, there are no feeds, there is nothing to
     quantize, or the feeds and reference name other inputs or more outputs than the model has.
     """
-    fp32_tflite, feeds, refs, names = _prepare(
-        "TFLite", fp32_tflite, quantize, feeds, reference, candidates, lambda p: tflite_candidates(p)
-    )
-    _tflite_io(fp32_tflite, feeds[0], refs[0])  # refuses feeds that do not fit the model, before any quantizing
+    return _search(
+        "TFLite", fp32_tflite, quantize, feeds, reference, target_cosine, max_float_fraction, tflite_candidates,
+        candidates, search_samples, scores, threads or 1,
+    )  # fmt: skip
+
+
+def _search(
+    kind: str,
+    fp32: Path,
+    quantize: Quantize,
+    feeds: Sequence[Feed],
+    reference: Reference,
+    target_cosine: float,
+    max_float_fraction: float,
+    default: Callable[[Path], list[str]],
+    candidates: Sequence[str] | None,
+    search_samples: int,
+    scores: Mapping[str, float] | None,
+    threads: int | None,
+) -> SensitivityResult:
+    """Both fronts: each step quantizes ``fp32`` into a temporary file and scores it in a Session
+    opened as ``open_candidate`` opens it."""
+    fp32, feeds, refs, names = _prepare(kind, fp32, quantize, feeds, reference, candidates, default)
+    io = _io(fp32, feeds[0], refs[0])  # refuses feeds that do not fit the model, before any quantizing
     with tempfile.TemporaryDirectory(prefix="edgeship-sensitivity-") as tmp:
-        out = Path(tmp) / "candidate.tflite"
+        out = Path(tmp) / f"candidate{fp32.suffix}"
 
         def measure(keep: list[str], indices: Sequence[int]) -> Array:
-            quantize(fp32_tflite, out, keep)
-            # Read from each candidate: which I/O is int8, and at what scale, depends on the layers kept.
-            with _session(out, "tflite", *_tflite_io(out, feeds[0], refs[0]), threads or 1) as session:
+            quantize(fp32, out, keep)
+            # onnxruntime.quantization keeps the graph's I/O, so the fp32 model's describes every ONNX
+            # candidate (read once: it takes an ORT session). A TFLite candidate's is read each time:
+            # which inputs are int8, and at what scale, depends on the layers kept.
+            step_io = io if io[0] == "onnx" else _io(out, feeds[0], refs[0])
+            with _session(out, *step_io, threads) as session:
                 return _worst(session, feeds, refs, indices)
 
         return search_feeds(
