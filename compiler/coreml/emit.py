@@ -297,7 +297,6 @@ class CoreMLEmitter(Emitter):
             min_cosine=request.recipe.quantize.min_cosine,
             max_float_fraction=request.recipe.quantize.max_float_fraction,
         )
-        searched = request.precision == "w8a8" and request.recipe.quantize.min_cosine is not None
         return Emitted(
             "coreml",
             request.precision,
@@ -306,7 +305,7 @@ class CoreMLEmitter(Emitter):
             tuple(result.inputs),
             tuple(result.outputs),
             result.weight_bytes,
-            "coremltools + sensitivity" if searched else "coremltools",
+            "coremltools + sensitivity" if result.search is not None else "coremltools",
             list(result.notes),
         )
 
