@@ -54,6 +54,35 @@ def build(width: int = 16):
     )
 
 
+def residual_cnn(width: int = 8) -> Any:
+    """A conv stem with BatchNorm, a residual block and a concat of two branches, pooled into two
+    Linears: the couplings pruning's dependency graph must cut consistently, and a BatchNorm folded
+    into a conv. The compiler passes' tests and ``benchmarks.qat_ranges`` train it."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, width, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(width)
+            self.res = torch.nn.Conv2d(width, width, 3, padding=1)
+            self.left = torch.nn.Conv2d(width, width, 1)
+            self.right = torch.nn.Conv2d(width, width, 3, padding=1)
+            self.pool = torch.nn.MaxPool2d(2)
+            self.hidden = torch.nn.Linear(2 * width, 32)
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn(self.stem(x)))
+            x = torch.relu(x + self.res(x))
+            x = torch.cat([self.left(x), self.right(x)], 1)
+            # Pooled before the Linear: torch-pruning 1.6 mis-tracks a concat followed by a flatten.
+            x = self.pool(torch.relu(x)).mean((2, 3))
+            return self.head(torch.relu(self.hidden(x)))
+
+    return Net()
+
+
 def fit(
     model: Any,
     x: np.ndarray,

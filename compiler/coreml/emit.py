@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +54,7 @@ from edgeship.compiler.coreml.reference import (
 )
 from edgeship.compiler.data import Dataset
 from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter
+from edgeship.compiler.quantizers import carried_ranges
 from edgeship.compiler.search.layers import SensitivityResult
 from edgeship.errors import UsageError
 from edgeship.runtime.package.manifest import TensorSpec
@@ -143,6 +145,7 @@ def emit_coreml(
     sparse_weights: bool = False,
     min_cosine: float | None = None,
     max_float_fraction: float = 0.25,
+    trained_ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> CoreMLResult:
     """Convert ``module`` (a ``torch.nn.Module``) to an ML program at ``precision`` and save it at
     ``out_path`` (a ``.mlpackage`` directory, replaced if it exists).
@@ -153,7 +156,10 @@ def emit_coreml(
     note says why when they stay dense). ``min_cosine`` (w8a8 only): run the layer search
     (``w8a8_float_ops``) on ``calibration`` against ``module``'s own outputs, leaving the input
     activations of the most sensitive ops in float until the worst sample reaches it, at most
-    ``max_float_fraction`` of them; the notes say what it set apart and what it reached. Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
+    ``max_float_fraction`` of them; the notes say what it set apart and what it reached.
+    ``trained_ranges`` (w8a8): ``{layer: [min, max]}`` (``named_modules`` names of ``module``) of
+    what each linear or conv reads, as ``quantize.qat`` trained with them; those inputs keep these
+    ranges instead of the evaluator's (symmetric: ``max(|min|, |max|) / 127``). Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
     calibration data, or a model coremltools cannot convert or compress; ``CoreMLVersionError``
     when coremltools is not 9.0.
     """
@@ -197,7 +203,9 @@ def emit_coreml(
     with tempfile.TemporaryDirectory(prefix="edgeship-coreml-") as tmp:
         if precision == "w8a8":
             assert calibration is not None
-            quantizer = W8A8Quantizer(mlmodel, calibration, inputs, Path(tmp))
+            quantizer = W8A8Quantizer(mlmodel, calibration, inputs, Path(tmp), trained_ranges or {})
+            if trained_ranges:
+                notes.append(quantizer.carried_note)
             keep_float: list[str] = []
             if min_cosine is not None:
                 found = w8a8_float_ops(
@@ -296,6 +304,7 @@ class CoreMLEmitter(Emitter):
             sparse_weights=any(entry.get("sparsity") for entry in request.passes),
             min_cosine=request.recipe.quantize.min_cosine,
             max_float_fraction=request.recipe.quantize.max_float_fraction,
+            trained_ranges=request.trained_ranges if request.precision == "w8a8" else None,
         )
         return Emitted(
             "coreml",
@@ -516,9 +525,20 @@ class W8A8Quantizer:
     Calling it with ``keep_float`` (op names) leaves those ops' activations in float (the inputs,
     and a conv's output, which the passes would otherwise quantize): the layer search's fallback (their weights stay int8, so the model keeps its size). ``candidates``
     lists the ops whose inputs the passes quantize, the layer search's choices.
+
+    ``trained_ranges``: ``{layer: [min, max]}`` that replace the measured ranges of what those
+    PyTorch layers' linears and convs read (``coreml_layer_inputs``), before concat inputs and
+    outputs are given one range; ``carried_note`` says how many were found.
     """
 
-    def __init__(self, mlmodel: Any, calibration: Calibration, inputs: tuple[TensorSpec, ...], tmp: Path) -> None:
+    def __init__(
+        self,
+        mlmodel: Any,
+        calibration: Calibration,
+        inputs: tuple[TensorSpec, ...],
+        tmp: Path,
+        trained_ranges: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
         from coremltools.optimize.coreml.experimental._post_training_quantization import (
             _adjust_concat_surrounding_activation_stats,
         )
@@ -528,6 +548,11 @@ class W8A8Quantizer:
         self.evaluator = ReferenceEvaluator(self._fp_path)
         self._stats = activation_ranges(self.evaluator, calibration, inputs)
         function = main_function(self.evaluator.program)
+        carried, self.carried_note = carried_ranges(
+            coreml_layer_inputs(function, trained_ranges or {}), trained_ranges or {}, symmetric=True
+        )
+        for var, (lo, hi) in carried.items():
+            self._stats[var] = {"rmin": lo, "rmax": hi}
         concat_groups = [
             [v.name for v in op.inputs["values"]] + [op.outputs[0].name]
             for op in function.operations
@@ -623,6 +648,23 @@ W8A8_FLOAT_OUTPUT_OP_TYPES: tuple[str, ...] = ("linear",)
 
 #: The inputs coremltools' activation passes quantize (insert_prefix_quantize_dequantize_pair), by op.
 _ACTIVATION_INPUTS = {"conv": ("x",), "avg_pool": ("x",), "max_pool": ("x",), "linear": ("x",), "add": ("x", "y")}
+
+
+def coreml_layer_inputs(function: Any, layers: Iterable[str]) -> dict[str, list[str]]:
+    """``{layer: [var, ...]}``: the ``x`` inputs of the ``linear`` and ``conv`` ops of ``function``
+    (a MIL function converted from a traced PyTorch module) whose weight is that layer's, one per
+    call. coremltools names a parameter's const after its state-dict key with ``.`` as ``_``
+    (``enc_0_fc_weight``, ``_to_fp16`` added when cast); a layer with no such op is left out (a
+    conv with a BatchNorm folded in has a const of its own)."""
+    wanted = {re.sub(r"\W", "_", layer) + "_weight": layer for layer in layers}
+    found: dict[str, list[str]] = {}
+    for op in function.operations:
+        if op.op_type not in ("linear", "conv") or "weight" not in op.inputs:
+            continue
+        layer = wanted.get(op.inputs["weight"].name.removesuffix("_to_fp16"))
+        if layer is not None:
+            found.setdefault(layer, []).append(op.inputs["x"].name)
+    return found
 
 
 def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> list[str]:

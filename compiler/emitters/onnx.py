@@ -24,7 +24,7 @@ from edgeship.compiler.emitters.base import (
     convert_fp32,
     fp32_references,
 )
-from edgeship.compiler.quantizers import FALLBACK_NOTES
+from edgeship.compiler.quantizers import FALLBACK_NOTES, carried_ranges
 from edgeship.compiler.quantizers.onnx import OnnxQuantizer, layer_inputs
 from edgeship.compiler.recipe import Recipe
 from edgeship.compiler.search.fronts import choose, onnx_float_nodes
@@ -108,21 +108,8 @@ def emit(
         feeds = list(calibration.batches(batch)) if calibration is not None else [dict(source.example)]
         carried: dict[str, tuple[float, float]] = {}
         if precision == "int8-qdq" and trained_ranges:
-            tensors = layer_inputs(fp32, trained_ranges)
-            for layer, read in tensors.items():
-                lo, hi = trained_ranges[layer]  # over every call of the layer, as the pass measured it
-                for tensor in read:
-                    seen = carried.get(tensor, (lo, hi))  # query, key and value may read one tensor
-                    carried[tensor] = (min(seen[0], lo), max(seen[1], hi))
-            notes.append(
-                f"activation ranges of {len(tensors)} of {len(trained_ranges)} layers from quantize.qat (the ranges it "
-                "trained with), the other tensors calibrated"
-                + (
-                    f"; not found in the graph: {sorted(set(trained_ranges) - set(tensors))}"
-                    if len(tensors) < len(trained_ranges)
-                    else ""
-                )
-            )
+            carried, note = carried_ranges(layer_inputs(fp32, trained_ranges), trained_ranges)
+            notes.append(note)
         quantizer = OnnxQuantizer(
             precision,
             calibration=feeds if precision == "int8-qdq" else None,

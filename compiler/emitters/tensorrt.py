@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgeship.compiler.emitters.base import EmitRequest, Emitted, Emitter, convert_fp32
+from edgeship.compiler.quantizers import carried_ranges
+from edgeship.compiler.quantizers.onnx import layer_inputs
 from edgeship.errors import ArtifactError, EdgeshipError, ModelLoadError, UsageError
 from edgeship.runtime.backends.tensorrt_spec import (
     BUILD_SPEC_NAME,
@@ -152,6 +154,7 @@ def emit_tensorrt(
     allow_gpu_fallback: bool = True,
     calibration_method: str = "minmax",
     exclude_nodes: Sequence[str] = (),
+    input_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> TensorRTResult:
     """Write ``model.onnx`` and ``build_spec.json`` for a TensorRT device into ``out_dir``.
 
@@ -163,7 +166,9 @@ def emit_tensorrt(
     whose only dynamic dimension is the batch gets batch 1..8 (opt 1). ``allow_gpu_fallback``
     only matters with ``dla_core``. ``calibration_method``: "minmax" (global min/max),
     "percentile" (99.999th) or "entropy". ``exclude_nodes``: graph node names that stay float
-    (no Q/DQ on their inputs; the recipe's skip rules, see ``skipped_nodes``).
+    (no Q/DQ on their inputs; the recipe's skip rules, see ``skipped_nodes``). ``input_ranges``
+    (int8-qdq): ``{tensor: (min, max)}`` that replace calibrated ranges, e.g. the ranges
+    ``quantize.qat`` trained with (symmetric here: the scale is ``max(|min|, |max|) / 127``).
 
     Raises ``UsageError`` for a bad argument, a missing or unreadable graph, missing, empty
     or non-finite calibration data, or a graph ONNX Runtime cannot quantize;
@@ -209,7 +214,7 @@ def emit_tensorrt(
         with tempfile.TemporaryDirectory(prefix="edgeship-trt-") as tmp:
             quantized = _quantize(
                 Path(onnx_fp32), Path(tmp), feeds, calibration_method, int8_weight_storage, notes, model,
-                exclude_nodes,
+                exclude_nodes, input_ranges or {},
             )  # fmt: skip
         if exclude_nodes:
             notes.append(
@@ -319,6 +324,10 @@ class TensorRTEmitter(Emitter):
         convert_fp32(request.cache, "onnx", fp32, lambda path: export_fp32(request.source, path))
         calib = request.calibration
         sparse, lost = request.sparse_2_4_layers
+        carried: dict[str, tuple[float, float]] = {}
+        carried_note = ""
+        if precision == "int8-qdq" and (trained := request.trained_ranges):
+            carried, carried_note = carried_ranges(layer_inputs(fp32, trained), trained, symmetric=True)
         result = emit_tensorrt(
             fp32,
             work / "trt",
@@ -328,8 +337,11 @@ class TensorRTEmitter(Emitter):
             calibration_method=request.recipe.calibration_method,
             exclude_nodes=skipped_nodes(fp32, rules.skipped) if (rules := request.recipe.quantize).any else (),
             sparsity_2_4=bool(sparse),
+            input_ranges=carried,
         )
         notes = list(result.notes)
+        if carried_note:
+            notes.append(carried_note)
         if sparse:
             notes.append(
                 f"2:4 sparse weights (prune.sparse24) in {len(sparse)} layer(s): {', '.join(sparse)}; build_spec.json "
@@ -558,6 +570,7 @@ def _quantize(
     notes: list[str],
     model: onnx.ModelProto,
     exclude_nodes: Sequence[str] = (),
+    input_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> onnx.ModelProto:
     """Pre-process and quantize with explicit symmetric Q/DQ; returns the quantized graph."""
     import onnx
@@ -612,6 +625,10 @@ def _quantize(
                 "OpTypesToExcludeOutputQuantization": list(QDQ_OP_TYPES),
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                 "CalibMovingAverage": False,  # global min/max, not an average of per-batch ranges
+                "TensorQuantOverrides": {
+                    tensor: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                    for tensor, (lo, hi) in (input_ranges or {}).items()
+                },
             },
         )
     except EdgeshipError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,15 @@ from edgeship.compiler.emitters.base import (
     convert_fp32,
     fp32_references,
 )
-from edgeship.compiler.quantizers import FALLBACK_NOTES
-from edgeship.compiler.quantizers.tflite import TFLITE_STATIC, WIDE_RANGE, TFLiteQuantizer, tflite_ops, tflite_skipped
+from edgeship.compiler.quantizers import FALLBACK_NOTES, carried_ranges
+from edgeship.compiler.quantizers.tflite import (
+    TFLITE_STATIC,
+    WIDE_RANGE,
+    TFLiteQuantizer,
+    tflite_layer_inputs,
+    tflite_ops,
+    tflite_skipped,
+)
 from edgeship.compiler.search.fronts import choose, tflite_float_ops
 from edgeship.compiler.source import SourceModel
 from edgeship.errors import UsageError
@@ -54,12 +61,16 @@ def emit(
     fallback: str = "auto",
     skipped: Callable[[str, str], bool] | None = None,
     cache: ConversionCache | None = None,
+    trained_ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> Emitted:
     """Write ``model.tflite`` into ``workdir``. Raises ``UsageError`` for what cannot be done.
 
     ``skipped(op_type, name)``: the recipe's skip rules, asked with TFLite op types
     (``FULLY_CONNECTED``) and each op's scope and output tensor names; the ops it skips stay float.
     ``cache``: the fp32 conversion shared with the compile's other variants (converted here when None).
+    ``trained_ranges`` (int8-static of a PyTorch model): ``{layer: [min, max]}`` of what each layer's
+    matrix multiply reads, as ``quantize.qat`` trained with them; those inputs keep these ranges
+    instead of calibrated ones (the notes say how many were found in the graph).
     """
     if precision not in PRECISIONS:
         raise UsageError(f"TFLite precisions are {', '.join(PRECISIONS)}; not {precision!r}")
@@ -100,6 +111,7 @@ def emit(
                 skipped,
                 notes,
                 cache,
+                trained_ranges if precision == "int8-static" and source.kind == "torch" else None,
             )
         if precision == "int8-static" and static_io == "float":
             from edgeship.compiler.emitters.tflite_io import float_io
@@ -156,6 +168,7 @@ class TFLiteEmitter(Emitter):
             fallback=recipe.quantize.fallback,
             skipped=recipe.quantize.skipped if recipe.quantize.any else None,
             cache=request.cache,
+            trained_ranges=request.trained_ranges,
         )
 
 
@@ -257,13 +270,20 @@ def _quantize_int8(
     skipped: Callable[[str, str], bool] | None,
     notes: list[str],
     cache: ConversionCache | None = None,
+    trained_ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> str:
     """Quantize through the same ``TFLiteQuantizer`` the sensitivity search uses (static calibration:
     global min/max); with ``min_cosine``, set the most sensitive op scopes apart (``fallback``: int8
     weights with float compute, or float). Returns a route suffix."""
     feeds = list(calibration.batches(source.feed_batch)) if calibration is not None else [dict(source.example)]
     exclude = tflite_skipped(fp32, skipped) if skipped is not None else []
-    quantizer = TFLiteQuantizer(precision, calibration=feeds if precision in TFLITE_STATIC else None, exclude=exclude)
+    carried: dict[str, tuple[float, float]] = {}
+    if trained_ranges:
+        carried, note = carried_ranges(tflite_layer_inputs(fp32, source.module, trained_ranges), trained_ranges)
+        notes.append(note)
+    quantizer = TFLiteQuantizer(
+        precision, calibration=feeds if precision in TFLITE_STATIC else None, exclude=exclude, input_ranges=carried
+    )
     if skipped is not None:
         notes.append(f"kept in float by the recipe's skip rules ({len(exclude)} ops): {exclude}")
     keep_float: list[str] = []

@@ -40,9 +40,12 @@ little, training can only add to the error).
 
 Then the wrappers are removed: the pass returns a plain float module (same classes, same
 parameter names) whose weights have adapted to int8 rounding. The report entry's ``ranges`` are
-what the ONNX int8-qdq emitter quantizes those inputs with when this is the last pass
-(``EmitRequest.trained_ranges``); the other emitters calibrate the model again. The entry records them, with the worst calibration sample's cosine of the fake-quantized model
-to the teacher before and after training.
+what every static-int8 emitter quantizes those inputs with when this is the last pass
+(``EmitRequest.trained_ranges``): ONNX int8-qdq, TFLite int8-static, TensorRT Q/DQ and Core ML
+w8a8, each finding the layers' input tensors in its own graph (the last two quantize activations
+symmetrically, so they take max(|min|, |max|) of a range); the other tensors are calibrated. The
+entry records them, with the worst calibration sample's cosine of the fake-quantized model to the
+teacher before and after training.
 """
 
 from __future__ import annotations

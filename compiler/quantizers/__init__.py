@@ -12,11 +12,14 @@ search (``edgeship.compiler.search.fronts``) calls the same objects to build its
 it searches with exactly the quantization that ships. ONNX layer names are graph node names;
 TFLite names are ai-edge-quantizer op *scopes* (the op's output tensor names joined by ``;``,
 with a trailing ``;``).
+
+``carried_ranges`` turns the input ranges ``quantize.qat`` trained each PyTorch layer with into
+ranges of the tensors a format's layers read, for every emitter that quantizes those tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +38,28 @@ FALLBACK_NOTES = {
     "weight-only": "int8 weights with float compute where the layer has weights, else float",
     "float": "kept in float",
 }
+
+
+def carried_ranges(
+    found: Mapping[str, Sequence[str]], trained: Mapping[str, Sequence[float]], *, symmetric: bool = False
+) -> tuple[dict[str, tuple[float, float]], str]:
+    """``({tensor: (min, max)}, note)``: each tensor a layer's matrix multiply reads (``found``:
+    ``{layer: [tensor, ...]}``, one per call, from the format's own ``layer_inputs``) with the range
+    ``quantize.qat`` trained that layer with (``trained``: ``{layer: [min, max]}`` over every call).
+    A tensor several layers read (query, key and value) gets the union of their ranges. The note
+    says how many layers were found and names the ones that were not; ``symmetric``: the quantizer
+    takes ``max(|min|, |max|)`` of a range, and the note says so."""
+    carried: dict[str, tuple[float, float]] = {}
+    for layer, tensors in found.items():
+        lo, hi = (float(v) for v in trained[layer])
+        for tensor in tensors:
+            seen = carried.get(tensor, (lo, hi))
+            carried[tensor] = (min(seen[0], lo), max(seen[1], hi))
+    missing = sorted(set(trained) - set(found))
+    note = (
+        f"activation ranges of {len(found)} of {len(trained)} layers from quantize.qat (the ranges it trained with"
+        + ("; symmetric here, max(|min|, |max|) / 127" if symmetric else "")
+        + "), the other tensors calibrated"
+        + (f"; not found in the graph: {missing}" if missing else "")
+    )
+    return carried, note

@@ -10,7 +10,7 @@ float, and ``scope_regex`` turns a scope into the anchored regular expression it
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,55 @@ def tflite_ops(fp32_tflite: Path) -> list[tuple[Any, str, tuple[str, ...]]]:
             names = tuple(_text(subgraph.tensors[i].name) for i in op.outputs if i >= 0)
             out.append((key, fb.get_op_scope(op, subgraph.tensors), names))
     return out
+
+
+#: The TFLite ops whose input ``tflite_layer_inputs`` maps to the PyTorch layer that became them.
+TFLITE_MATMUL_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL")
+
+
+def tflite_layer_inputs(fp32_tflite: Path, module: Any, layers: Iterable[str]) -> dict[str, list[str]]:
+    """``{layer: [tensor, ...]}``: the input tensors of the fully connected, convolution and batch
+    matmul ops each named PyTorch module (``named_modules`` name of ``module``, the module the
+    TFLite model was converted from) became, one per call. A layer with no such op is left out.
+
+    litert-torch names every tensor after the module calls that made it: the root's class, then
+    ``<class>_<attribute>`` per module whose forward ran (a ``ModuleList`` is iterated, not called,
+    so it has no level), ``/``-separated; a tensor fused from several calls joins their scopes with
+    ``;``, the op's own last. An op is the layer's whose scope is the last such part of its weight's
+    name (a Conv with a BatchNorm folded in names both; a key projection's weight names the query's
+    first), else of its output's."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    modules = dict(module.named_modules())
+    scopes = {_scope(module, modules, layer): layer for layer in layers if layer in modules}
+    model = fb.read_model(Path(fp32_tflite).read_bytes())
+    subgraph = model.subgraphs[0]
+    found: dict[str, list[str]] = {}
+    for op in subgraph.operators:
+        key = fb.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+        if key is None or _op_type(key) not in TFLITE_MATMUL_OPS or len(op.inputs) < 2 or op.inputs[0] < 0:
+            continue
+        for i in [op.inputs[1], *op.outputs]:
+            matched = [part for part in _text(subgraph.tensors[i].name).split(";") if part in scopes] if i >= 0 else []
+            if matched:
+                found.setdefault(scopes[matched[-1]], []).append(_text(subgraph.tensors[op.inputs[0]].name))
+                break
+    return found
+
+
+def _scope(root: Any, modules: dict[str, Any], layer: str) -> str:
+    """The scope litert-torch gives what ``layer`` (a ``named_modules`` name) computes."""
+
+    def label(m: Any) -> str:
+        return f"{type(m).__module__}.{type(m).__qualname__}"
+
+    levels = [label(root)]
+    parts = layer.split(".")
+    for i in range(1, len(parts) + 1):
+        m = modules[".".join(parts[:i])]
+        if type(m).__name__ not in ("ModuleList", "ModuleDict"):
+            levels.append(f"{label(m)}_{parts[i - 1]}")
+    return "/".join(levels)
 
 
 def _text(value: Any) -> str:
@@ -136,6 +185,9 @@ class TFLiteQuantizer:
 
     ``exclude``: op scopes always left float (the recipe's skip rules, see ``tflite_skipped``);
     they are no candidates for a search.
+
+    ``input_ranges`` (int8-static, w8a16): ``{tensor: (min, max)}`` that replace calibrated ranges,
+    e.g. the ranges ``quantize.qat`` trained with (``tflite_layer_inputs`` finds the tensors).
     """
 
     precision: str = "int8-dynamic"
@@ -143,6 +195,7 @@ class TFLiteQuantizer:
     fallback: str = "weight-only"
     embeddings: bool = True
     exclude: Sequence[str] = ()
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     _qsvs: dict[Path, Any] = field(default_factory=dict, repr=False)
     _wide: dict[Path, list[str]] = field(default_factory=dict, repr=False)
 
@@ -267,7 +320,16 @@ class TFLiteQuantizer:
                 q._float_model_buffer, num_threads=1, qsv_update_func=qsv_utils.min_max_update
             )
             calib.calibrate({signature: data}, q._recipe_manager)
-            self._qsvs[fp32] = calib.get_model_qsvs()
+            qsvs = calib.get_model_qsvs()
+            for tensor, (lo, hi) in self.input_ranges.items():
+                if tensor in qsvs:
+                    shape = np.shape(qsvs[tensor]["min"])
+                    qsvs[tensor] = {
+                        **qsvs[tensor],
+                        "min": np.full(shape, lo, np.float32),
+                        "max": np.full(shape, hi, np.float32),
+                    }
+            self._qsvs[fp32] = qsvs
         return self._qsvs[fp32]
 
 

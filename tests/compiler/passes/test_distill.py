@@ -7,7 +7,7 @@ import pytest
 from edgeship.compiler import Dataset, Recipe
 from edgeship.compiler.passes import run_passes
 from edgeship.errors import UsageError
-from tests.compiler.passes.conftest import build
+from examples.digits import residual_cnn
 
 
 def kd(**settings):
@@ -29,7 +29,7 @@ def test_student_derived_by_pruning_learns_from_the_teacher(source, train_set, e
 def test_a_given_student_is_trained_and_the_recipe_module_stays_untouched(source, train_set):
     import torch
 
-    student = build(width=4)
+    student = residual_cnn(width=4)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     working = run_passes(source, kd(student=student, epochs=1, features={"res": "res"}), training=train_set)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())

@@ -319,3 +319,83 @@ def test_onnx_int8_qdq_quantizes_with_the_ranges_qat_trained_with(source, digits
     # model again gives other ranges (its weights moved; only the image the stem reads is the same).
     for layer, (lo, hi) in ranges.items():
         assert any(abs(scale - (hi - lo) / 255) <= 1e-5 * scale for scale in scales), (layer, (hi - lo) / 255, scales)
+
+
+@pytest.fixture(scope="module")
+def qat_tuned(trained: Any, digits: Any) -> Any:
+    """The digits CNN after ``quantize.qat`` (defaults) on 256 calibration images: the working model."""
+    source = from_module(trained, digits[1][:1], input_names=["image"], output_names=["logits"])
+    return run_passes(source, qat_steps(), calibration=Dataset({"image": digits[0][:256]}))
+
+
+def _activation_scales(fmt: str, artifact: Path) -> list[float]:
+    """The scales the emitted artifact quantizes activations with, read back from its file."""
+    if fmt == "tflite":
+        interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
+        details = interpreter(model_path=str(artifact / "model.tflite")).get_tensor_details()
+        return [float(d["quantization"][0]) for d in details if d["quantization"][0]]
+    if fmt == "coreml":
+        from edgeship.compiler.coreml.reference import load_program, main_function
+
+        function = main_function(load_program(artifact / "model.mlpackage"))
+        return [float(np.asarray(op.inputs["scale"].val)) for op in function.operations if op.op_type == "dequantize"]
+    import onnx
+    from onnx import numpy_helper
+
+    path = artifact / "trt" / "model.onnx" if fmt == "tensorrt-onnx" else artifact / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return [
+        float(constants[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear" and n.input[1] in constants
+    ]
+
+
+@pytest.mark.parametrize(
+    "target, precision, symmetric, tolerance, missing",
+    [
+        ("android-arm64", "int8-static", False, 1e-5, []),
+        ("jetson-orin-nano", "int8-qdq", True, 1e-5, []),
+        # Core ML stores scales in float16 (relative step 4.9e-4); the stem's conv has the BatchNorm
+        # folded in, a const of coremltools' own with no layer name (it reads the image: calibrated).
+        ("ios17", "w8a8", True, 5e-4, ["stem"]),
+    ],
+    ids=["tflite", "tensorrt", "coreml"],
+)
+def test_every_static_int8_emitter_quantizes_with_the_ranges_qat_trained_with(
+    qat_tuned, digits, tmp_path, target, precision, symmetric, tolerance, missing
+):
+    """TFLite int8-static, TensorRT Q/DQ and Core ML w8a8 take each layer's input range from
+    ``quantize.qat`` as the ONNX emitter does: asymmetric scale (max - min) / 255, symmetric
+    max(|min|, |max|) / 127. The same emitter without the pass's entry calibrates the tuned model
+    again and misses at least one of them: the ranges read back are the carried ones."""
+    from edgeship import targets
+    from edgeship.compiler.emitters import get
+    from edgeship.compiler.emitters.base import EmitRequest
+
+    if precision == "w8a8":
+        pytest.importorskip("coremltools")
+    profile = targets.get(target)
+    entry = qat_tuned.history[-1]
+    ranges = entry["ranges"]
+    calibration = Dataset({"image": digits[0][:256]})
+
+    def misses(passes: tuple[dict[str, Any], ...], work: Path) -> tuple[dict[str, float], list[str]]:
+        emitted = get(profile.format).emit(
+            EmitRequest(qat_tuned.as_source(), profile, precision, work, calibration, Recipe(), passes)
+        )
+        scales = _activation_scales(profile.format, work)
+        relative = {}
+        for layer, (lo, hi) in ranges.items():
+            want = max(abs(lo), abs(hi)) / 127 if symmetric else (hi - lo) / 255
+            relative[layer] = min(abs(s - want) / want for s in scales)
+        return relative, emitted.notes
+
+    carried, notes = misses((entry,), tmp_path / "carried")
+    found = len(ranges) - len(missing)
+    assert any(f"activation ranges of {found} of {len(ranges)} layers from quantize.qat" in n for n in notes), notes
+    if missing:
+        assert any(f"not found in the graph: {missing}" in n for n in notes), notes
+    assert all(carried[layer] <= tolerance for layer in ranges if layer not in missing), carried
+    recalibrated, notes = misses((), tmp_path / "recalibrated")
+    assert not any("quantize.qat" in n for n in notes)
+    assert any(recalibrated[layer] > 2 * tolerance for layer in ranges), recalibrated  # measured 1.5e-3, 3.7e-3

@@ -96,3 +96,37 @@ def test_w8a16_refuses_float_io_before_converting(tmp_path):
     with pytest.raises(UsageError, match="static_io: float is for int8-static; a w8a16 model keeps its int16 I/O"):
         emit(source, "w8a16", tmp_path / "w", Dataset({"x": x}), static_io="float")
     assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_layer_inputs_follow_module_paths_through_lists_shared_inputs_and_repeated_calls(tmp_path):
+    """``tflite_layer_inputs`` finds each Linear's fully connected op from litert-torch's tensor names:
+    inside a ModuleList (iterated, so it has no scope of its own), three siblings reading one tensor
+    (whose weights' names list each other's scopes), a layer called twice (one input per call)."""
+    import litert_torch
+    import torch
+
+    from edgeship.compiler.quantizers.tflite import tflite_layer_inputs
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+            self.query, self.key, self.value = (torch.nn.Linear(8, 8) for _ in range(3))
+            self.out = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            mixed = self.query(x) * self.key(x) + self.value(x)
+            return self.out(mixed) + self.out(torch.relu(mixed))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), torch.nn.Linear(8, 3)).eval()
+    fp32 = tmp_path / "block.tflite"
+    litert_torch.convert(model, (torch.ones(2, 8),)).export(str(fp32))
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    found = tflite_layer_inputs(fp32, model, [*linears, "0.missing"])
+    assert set(found) == set(linears), found
+    assert len(found["0.out"]) == 2 and len(set(found["0.out"])) == 2  # one per call, each its own input
+    assert found["0.query"] == found["0.key"] == found["0.value"]  # the same tensor: the second ReLU's output
+    assert found["0.layers.0"] != found["0.layers.1"]

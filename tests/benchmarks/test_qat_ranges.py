@@ -1,0 +1,24 @@
+"""benchmarks/qat_ranges.py at CI size: every static-int8 format's artifact is built both ways and runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_qat_ranges_benchmark_runs_every_static_int8_format(tmp_path, capsys):
+    pytest.importorskip("coremltools")
+    from benchmarks import qat_ranges
+
+    assert qat_ranges.main(["--quick", "--json", str(tmp_path / "out.json")]) == 0
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["target"], r["precision"]) for r in rows] == qat_ranges.FORMATS
+    for row in rows:
+        for label in ("recalibrated", "carried"):
+            worst, mean = row[label]
+            assert 0 <= mean <= worst < 0.01, row  # int8 of the digits CNN stays close to fp32
+    out = capsys.readouterr().out
+    assert "flags" in out and "mean over seeds" in out
