@@ -63,7 +63,7 @@ def compile_version(model: Any, version: int, x_test: np.ndarray) -> None:
 
 def compile_with_passes(model: Any, digits: Any, recipe: dict[str, Any], out: str) -> tuple[Any, dict[str, Any]]:
     """The recipe's ``passes`` through the Python API (they need the nn.Module), then the usual compile
-    for linux-x86_64 into OUT/``out``. Returns the compile report and the (one) pass's report entry."""
+    for the recipe's targets into OUT/``out``. Returns the compile report and the (one) pass's report entry."""
     import json
 
     from edgeship.compiler import Recipe, compile_model
@@ -73,7 +73,7 @@ def compile_with_passes(model: Any, digits: Any, recipe: dict[str, Any], out: st
 
     report = compile_model(
         from_module(model, digits.x_test[:1], input_names=["image"], output_names=["logits"]),
-        ["linux-x86_64"],
+        list(recipe["variants"]),
         OUT / out,
         load_private_key(OUT / "keys/edgeship.key"),
         recipe=Recipe.from_dict(recipe),
@@ -121,13 +121,18 @@ def prune_and_compile(model: Any, digits: Any) -> None:
 
 def qat_and_compile(model: Any, digits: Any) -> None:
     """``quantize.qat``: fine-tune the CNN while its Linear/Conv inputs and weights are rounded to int8
-    (distilled from the fp32 model, so no labels), then the static int8 ONNX variant, held to the
-    model before the pass; the pass's report entry says what it changed."""
+    (distilled from the fp32 model, so no labels), then static int8 for ONNX Runtime, TFLite and Core
+    ML, held to the model before the pass; the pass's report entry says what it changed, each
+    variant's notes that it quantizes with the ranges the pass trained with."""
     t0 = time.perf_counter()
     report, entry = compile_with_passes(
         model,
         digits,
-        {"name": "digits-qat", "variants": {"linux-x86_64": ["int8-qdq"]}, "passes": ["quantize.qat"]},
+        {
+            "name": "digits-qat",
+            "variants": {"linux-x86_64": ["int8-qdq"], "android-arm64": ["int8-static"], "ios17": ["w8a8"]},
+            "passes": ["quantize.qat"],
+        },
         "dist-qat",
     )
     print(
@@ -137,8 +142,9 @@ def qat_and_compile(model: Any, digits: Any) -> None:
         f"{time.perf_counter() - t0:.0f} s with the compile)"
     )
     show_variants(report)
-    for note in (n for v in report.variants for n in v.notes if "from quantize.qat" in n):
-        print(f"  {note}")  # the int8 artifact quantizes with the ranges the pass trained with
+    for variant in report.variants:  # each int8 artifact quantizes with the ranges the pass trained with
+        for note in (n for n in variant.notes if "from quantize.qat" in n):
+            print(f"  {variant.target} {variant.precision}: {note}")
 
 
 def main() -> None:
@@ -291,7 +297,10 @@ def main() -> None:
         "--max-accuracy-drop", "0.5", "--max-size-mb", "0.05",
     )  # fmt: skip
 
-    step("7f. train for int8: quantize.qat fine-tunes the CNN against int8 rounding, then static int8 ONNX")
+    step(
+        "7f. train for int8: quantize.qat fine-tunes the CNN against int8 rounding, then static int8 for ONNX, "
+        "TFLite and Core ML"
+    )
     qat_and_compile(retrained.model, digits)
 
     from examples import demo_agent, demo_fleet
