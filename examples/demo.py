@@ -89,9 +89,10 @@ def show_variants(report: Any) -> None:
     for v in report.variants:
         m = v.metrics
         state = f"package {v.package.name}" if v.package else f"refused: {v.error}"
+        p50 = "n/a (needs the device)" if m.latency_median_ms is None else f"{m.latency_median_ms:.3f} ms"
         print(
-            f"  {v.target} {v.precision:13} {m.size_bytes / 1024:6.0f} KiB  cosine {m.cosine_min:.5f}  "
-            f"accuracy {m.accuracy:.3f}  p50 {m.latency_median_ms or 0:.3f} ms  gate: {v.gate}  -> {state}"
+            f"  {v.target:13} {v.precision:13} {m.size_bytes / 1024:6.0f} KiB  cosine {m.cosine_min:.5f}  "
+            f"accuracy {m.accuracy:.3f}  p50 {p50}  gate: {v.gate}  -> {state}"
         )
 
 

@@ -159,9 +159,9 @@ def emit_coreml(
     ``max_float_fraction`` of them; the notes say what it set apart and what it reached.
     ``trained_ranges`` (w8a8): ``{layer: [min, max]}`` (``named_modules`` names of ``module``) of
     what each linear or conv reads, as ``quantize.qat`` trained with them; those inputs keep these
-    ranges instead of the evaluator's (symmetric: ``max(|min|, |max|) / 127``). Raises ``UsageError`` for a request ``min_os`` cannot run, bad names or
-    calibration data, or a model coremltools cannot convert or compress; ``CoreMLVersionError``
-    when coremltools is not 9.0.
+    ranges instead of the evaluator's (symmetric: ``max(|min|, |max|) / 127``). Raises
+    ``UsageError`` for a request ``min_os`` cannot run, bad names or calibration data, or a model
+    coremltools cannot convert or compress; ``CoreMLVersionError`` when coremltools is not 9.0.
     """
     check_request(precision, min_os)
     out = Path(out_path)
@@ -653,17 +653,24 @@ _ACTIVATION_INPUTS = {"conv": ("x",), "avg_pool": ("x",), "max_pool": ("x",), "l
 def coreml_layer_inputs(function: Any, layers: Iterable[str]) -> dict[str, list[str]]:
     """``{layer: [var, ...]}``: the ``x`` inputs of the ``linear`` and ``conv`` ops of ``function``
     (a MIL function converted from a traced PyTorch module) whose weight is that layer's, one per
-    call. coremltools names a parameter's const after its state-dict key with ``.`` as ``_``
-    (``enc_0_fc_weight``, ``_to_fp16`` added when cast); a layer with no such op is left out (a
-    conv with a BatchNorm folded in has a const of its own)."""
-    wanted = {re.sub(r"\W", "_", layer) + "_weight": layer for layer in layers}
+    call. coremltools names a parameter's const after its state-dict key, every character outside
+    ``[a-zA-Z0-9_]`` as ``_`` and ``var_`` in front of a leading digit (``enc_0_fc_weight``,
+    ``var_0_weight`` in a ``Sequential``), ``_to_fp16`` added when cast. Left out: a layer with no
+    such op (a conv with a BatchNorm folded in has a const of coremltools' own), and layers whose
+    names read the same once sanitized (``a.b_c`` and ``a_b.c``)."""
+    by_name: dict[str, list[str]] = {}
+    for layer in layers:
+        name = re.sub(r"[^a-zA-Z0-9_]", "_", layer)
+        name = f"var_{name}" if re.match(r"[^a-zA-Z_]", name) else name
+        by_name.setdefault(f"{name}_weight", []).append(layer)
+    wanted = {name: named[0] for name, named in by_name.items() if len(named) == 1}
     found: dict[str, list[str]] = {}
     for op in function.operations:
         if op.op_type not in ("linear", "conv") or "weight" not in op.inputs:
             continue
-        layer = wanted.get(op.inputs["weight"].name.removesuffix("_to_fp16"))
-        if layer is not None:
-            found.setdefault(layer, []).append(op.inputs["x"].name)
+        owner = wanted.get(op.inputs["weight"].name.removesuffix("_to_fp16"))
+        if owner is not None:
+            found.setdefault(owner, []).append(op.inputs["x"].name)
     return found
 
 

@@ -78,32 +78,75 @@ TFLITE_MATMUL_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_M
 
 
 def tflite_layer_inputs(fp32_tflite: Path, module: Any, layers: Iterable[str]) -> dict[str, list[str]]:
-    """``{layer: [tensor, ...]}``: the input tensors of the fully connected, convolution and batch
-    matmul ops each named PyTorch module (``named_modules`` name of ``module``, the module the
-    TFLite model was converted from) became, one per call. A layer with no such op is left out.
+    """``{layer: [tensor, ...]}``: the tensors whose ranges set what the fully connected,
+    convolution and batch matmul ops each named PyTorch module (``named_modules`` name of
+    ``module``, the module the TFLite model was converted from) became read, one per call. A layer
+    with no such op is left out, and so is one whose scope another layer shares.
 
-    litert-torch names every tensor after the module calls that made it: the root's class, then
-    ``<class>_<attribute>`` per module whose forward ran (a ``ModuleList`` is iterated, not called,
-    so it has no level), ``/``-separated; a tensor fused from several calls joins their scopes with
-    ``;``, the op's own last. An op is the layer's whose scope is the last such part of its weight's
-    name (a Conv with a BatchNorm folded in names both; a key projection's weight names the query's
-    first), else of its output's."""
+    Only ops with a constant weight count: a matmul of two activations (attention scores) is no
+    layer's. A fully connected op is the Linear's whose weight it holds, value for value, when
+    exactly one named layer's does. Otherwise (convolutions, whose weights are laid out and
+    folded anew; tied weights) the names decide. litert-torch names every tensor after the module
+    calls that made it: the root's class, then ``<class>_<attribute>`` per module level (a
+    ``ModuleList`` or ``ModuleDict`` is iterated, not called, so it has no level: two lists' first
+    Linears share a scope, and are left out), ``/``-separated; a tensor fused from several calls
+    joins their scopes with ``;``, the op's own last as a rule (a Conv with a BatchNorm folded in
+    names both; a key projection's weight names the query's first), which the converter does not
+    promise: in a ViT's attention, the value projection's weight carries the query's scope last,
+    which is why Linears go by value. An op is the layer's whose scope is the last such part of
+    its weight's name, else of its output's. A container whose children the parent calls one by
+    one has no level either, which the names do not model.
+
+    The tensor is the op's input, or, when that comes through ops ai-edge-quantizer gives their
+    input's scale (reshape, transpose, pad, pooling, slicing: ``SAME_AS_INPUT_SCALE``), the tensor
+    in front of them, whose range is the one quantization reads."""
+    import torch
+    from ai_edge_quantizer.algorithms.utils.common_utils import OpQuantConstraint
+    from ai_edge_quantizer.utils import constrained_ops_utils
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     modules = dict(module.named_modules())
-    scopes = {_scope(module, modules, layer): layer for layer in layers if layer in modules}
+    by_scope: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer in modules:
+            by_scope.setdefault(_scope(module, modules, layer), []).append(layer)
+    scopes = {scope: named[0] for scope, named in by_scope.items() if len(named) == 1}
+    same_scale = {
+        _op_type(k) for k in constrained_ops_utils.get_constrained_op_list(OpQuantConstraint.SAME_AS_INPUT_SCALE)
+    }
     model = fb.read_model(Path(fp32_tflite).read_bytes())
     subgraph = model.subgraphs[0]
+    kinds = [
+        _op_type(fb.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode))
+        for op in subgraph.operators
+    ]
+    producer = {out: n for n, op in enumerate(subgraph.operators) for out in op.outputs if out >= 0}
     found: dict[str, list[str]] = {}
-    for op in subgraph.operators:
-        key = fb.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
-        if key is None or _op_type(key) not in TFLITE_MATMUL_OPS or len(op.inputs) < 2 or op.inputs[0] < 0:
+    linears = [
+        (layer, modules[layer].weight.detach().numpy())
+        for layer in scopes.values()
+        if isinstance(getattr(modules[layer], "weight", None), torch.Tensor) and modules[layer].weight.dim() == 2
+    ]
+    for op, kind in zip(subgraph.operators, kinds):
+        if kind not in TFLITE_MATMUL_OPS or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
             continue
-        for i in [op.inputs[1], *op.outputs]:
+        weight = fb.get_tensor_data(subgraph.tensors[op.inputs[1]], model.buffers)
+        if weight is None:
+            continue  # two activations multiplied: no layer's weight
+        owner = None
+        if kind == "FULLY_CONNECTED":  # a Linear's [out, in] weight, stored as it is
+            same = [layer for layer, w in linears if w.shape == weight.shape and np.array_equal(w, weight)]
+            owner = same[0] if len(same) == 1 else None
+        for i in [op.inputs[1], *op.outputs] if owner is None else ():
             matched = [part for part in _text(subgraph.tensors[i].name).split(";") if part in scopes] if i >= 0 else []
             if matched:
-                found.setdefault(scopes[matched[-1]], []).append(_text(subgraph.tensors[op.inputs[0]].name))
+                owner = scopes[matched[-1]]
                 break
+        if owner is not None:
+            read = op.inputs[0]
+            while read in producer and kinds[producer[read]] in same_scale:
+                read = subgraph.operators[producer[read]].inputs[0]
+            found.setdefault(owner, []).append(_text(subgraph.tensors[read].name))
     return found
 
 
@@ -186,8 +229,9 @@ class TFLiteQuantizer:
     ``exclude``: op scopes always left float (the recipe's skip rules, see ``tflite_skipped``);
     they are no candidates for a search.
 
-    ``input_ranges`` (int8-static, w8a16): ``{tensor: (min, max)}`` that replace calibrated ranges,
-    e.g. the ranges ``quantize.qat`` trained with (``tflite_layer_inputs`` finds the tensors).
+    ``input_ranges`` (int8-static): ``{tensor: (min, max)}`` that replace calibrated ranges, e.g.
+    the ranges ``quantize.qat`` trained with (``tflite_layer_inputs`` finds the tensors); refused
+    for the other kinds (QAT trains int8 rounding; w8a16's wide ops are found from the ranges).
     """
 
     precision: str = "int8-dynamic"
@@ -206,6 +250,8 @@ class TFLiteQuantizer:
             raise UsageError(f"{self.precision} needs calibration feeds")
         if self.fallback not in FALLBACKS:
             raise UsageError(f"fallback is one of {', '.join(FALLBACKS)}; not {self.fallback!r}")
+        if self.input_ranges and self.precision != "int8-static":
+            raise UsageError(f"input_ranges are for int8-static; {self.precision} calibrates every range itself")
 
     @property
     def can_weight_only(self) -> bool:

@@ -82,3 +82,31 @@ def test_a_dense_model_is_left_dense(tmp_path: Path):
     result, _ = emit(model.eval(), tmp_path, "fp16", "iOS17", sparse=True)
     assert "constexpr_sparse_to_dense" not in op_types(result.path)
     assert any("0 of 2 weight tensors stored sparse" in n for n in result.notes)
+
+
+def test_layer_inputs_are_found_by_the_names_coremltools_gives_weights(tmp_path: Path):
+    """``coreml_layer_inputs`` finds a root ``Sequential``'s layers (``0.weight`` becomes
+    ``var_0_weight``) and leaves out two layers whose names read the same once ``.`` becomes ``_``
+    (``a.b_c`` and ``a_b.c``) rather than give one the other's range."""
+    from edgeship.compiler.coreml.emit import coreml_layer_inputs
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Module()
+            self.a.b_c = torch.nn.Linear(8, 8)
+            self.a_b = torch.nn.Module()
+            self.a_b.c = torch.nn.Linear(8, 8)
+
+        def forward(self, x: Any) -> Any:
+            return self.a.b_c(x) + self.a_b.c(torch.relu(x))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), Pair()).eval()
+    out = tmp_path / "m.mlpackage"
+    emit_coreml(model, (torch.ones(1, 8),), ["x"], ["y"], "fp16", "iOS17", out)
+    function = main_function(load_program(out))
+    found = coreml_layer_inputs(function, ["0", "2", "3.a.b_c", "3.a_b.c"])
+    assert set(found) == {"0", "2"}, found
+    linears = [op for op in function.operations if op.op_type == "linear"]
+    assert found["0"] == [linears[0].inputs["x"].name] and found["2"] == [linears[1].inputs["x"].name]

@@ -130,3 +130,53 @@ def test_layer_inputs_follow_module_paths_through_lists_shared_inputs_and_repeat
     assert len(found["0.out"]) == 2 and len(set(found["0.out"])) == 2  # one per call, each its own input
     assert found["0.query"] == found["0.key"] == found["0.value"]  # the same tensor: the second ReLU's output
     assert found["0.layers.0"] != found["0.layers.1"]
+
+
+def test_layer_inputs_look_through_same_scale_ops_and_skip_activation_matmuls_and_shared_scopes(tmp_path):
+    """What a layer reads through a pool, a transpose or a reshape takes that tensor's scale in
+    ai-edge-quantizer, so its range is set in front of them (here the conv's output); attention
+    scores (two activations multiplied) are no layer's; two ModuleLists' first Linears share
+    litert-torch's scope (``Linear_0``) and are left out rather than guessed."""
+    import litert_torch
+    import torch
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    from edgeship.compiler.quantizers.tflite import tflite_layer_inputs
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 4 * 4, 8)
+            self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.a = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+            self.b = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(torch.nn.functional.max_pool2d(self.conv(x), 2).flatten(1)).unsqueeze(1)
+            scores = self.q(h) @ self.k(h).transpose(1, 2)
+            h = scores * h
+            for layer in (*self.a, *self.b):
+                h = layer(h)
+            return h
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    fp32 = tmp_path / "net.tflite"
+    litert_torch.convert(model, (torch.ones(1, 1, 8, 8),)).export(str(fp32))
+    found = tflite_layer_inputs(fp32, model, ["conv", "fc", "q", "k", "a.0", "b.0"])
+    assert set(found) == {"conv", "fc", "q", "k"}, found
+    assert all(len(tensors) == 1 for tensors in found.values()), found
+    flat = fb.read_model(fp32.read_bytes())
+    subgraph = flat.subgraphs[0]
+    ops = [
+        (fb.TFL_OP_CODE_TO_NAME[flat.operatorCodes[op.opcodeIndex].builtinCode].value, op) for op in subgraph.operators
+    ]
+
+    def output(kind: str) -> str:
+        return next(subgraph.tensors[op.outputs[0]].name.decode() for k, op in ops if k == kind)
+
+    assert "BATCH_MATMUL" in [k for k, _ in ops]  # the scores are computed, and mapped to no layer
+    assert found["conv"] == [subgraph.tensors[subgraph.inputs[0]].name.decode()]  # in front of the NCHW reshape
+    assert found["fc"] == [output("DEPTHWISE_CONV_2D")]  # max pool, transpose and reshape take its scale
+    assert found["q"] == found["k"] == [output("FULLY_CONNECTED")]  # both read fc's output
