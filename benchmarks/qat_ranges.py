@@ -45,9 +45,10 @@ CALIBRATION = 256
 
 
 def errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
-    """1 - cosine per sample: (worst, mean)."""
-    a, b = got.reshape(len(got), -1).astype(np.float64), want.reshape(len(want), -1).astype(np.float64)
-    err = 1 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    """1 - cosine per sample (the layer search's ``cosines``): (worst, mean)."""
+    from edgeship.compiler.search.fronts import cosines
+
+    err = 1 - cosines([{"logits": got}], [{"logits": want}])
     return float(err.max()), float(err.mean())
 
 

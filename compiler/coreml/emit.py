@@ -304,7 +304,7 @@ class CoreMLEmitter(Emitter):
             sparse_weights=any(entry.get("sparsity") for entry in request.passes),
             min_cosine=request.recipe.quantize.min_cosine,
             max_float_fraction=request.recipe.quantize.max_float_fraction,
-            trained_ranges=request.trained_ranges if request.precision == "w8a8" else None,
+            trained_ranges=request.trained_ranges,
         )
         return Emitted(
             "coreml",
@@ -548,9 +548,8 @@ class W8A8Quantizer:
         self.evaluator = ReferenceEvaluator(self._fp_path)
         self._stats = activation_ranges(self.evaluator, calibration, inputs)
         function = main_function(self.evaluator.program)
-        carried, self.carried_note = carried_ranges(
-            coreml_layer_inputs(function, trained_ranges or {}), trained_ranges or {}, symmetric=True
-        )
+        trained = trained_ranges or {}
+        carried, self.carried_note = carried_ranges(coreml_layer_inputs(function, trained), trained, symmetric=True)
         for var, (lo, hi) in carried.items():
             self._stats[var] = {"rmin": lo, "rmax": hi}
         concat_groups = [
@@ -655,7 +654,9 @@ def coreml_layer_inputs(function: Any, layers: Iterable[str]) -> dict[str, list[
     (a MIL function converted from a traced PyTorch module) whose weight is that layer's, one per
     call. coremltools names a parameter's const after its state-dict key, every character outside
     ``[a-zA-Z0-9_]`` as ``_`` and ``var_`` in front of a leading digit (``enc_0_fc_weight``,
-    ``var_0_weight`` in a ``Sequential``), ``_to_fp16`` added when cast. Left out: a layer with no
+    ``var_0_weight`` in a ``Sequential``), ``_to_fp16`` added when cast and ``_quantized`` when
+    compressed (so this reads a shipped w8a8 program too, where ``x`` is a dequantize's output).
+    Left out: a layer with no
     such op (a conv with a BatchNorm folded in has a const of coremltools' own), and layers whose
     names read the same once sanitized (``a.b_c`` and ``a_b.c``)."""
     by_name: dict[str, list[str]] = {}
@@ -668,7 +669,7 @@ def coreml_layer_inputs(function: Any, layers: Iterable[str]) -> dict[str, list[
     for op in function.operations:
         if op.op_type not in ("linear", "conv") or "weight" not in op.inputs:
             continue
-        owner = wanted.get(op.inputs["weight"].name.removesuffix("_to_fp16"))
+        owner = wanted.get(op.inputs["weight"].name.removesuffix("_quantized").removesuffix("_to_fp16"))
         if owner is not None:
             found.setdefault(owner, []).append(op.inputs["x"].name)
     return found

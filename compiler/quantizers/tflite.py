@@ -84,23 +84,21 @@ def tflite_layer_inputs(fp32_tflite: Path, module: Any, layers: Iterable[str]) -
     with no such op is left out, and so is one whose scope another layer shares.
 
     Only ops with a constant weight count: a matmul of two activations (attention scores) is no
-    layer's. A fully connected op is the Linear's whose weight it holds, value for value, when
-    exactly one named layer's does. Otherwise (convolutions, whose weights are laid out and
-    folded anew; tied weights) the names decide. litert-torch names every tensor after the module
-    calls that made it: the root's class, then ``<class>_<attribute>`` per module level (a
-    ``ModuleList`` or ``ModuleDict`` is iterated, not called, so it has no level: two lists' first
-    Linears share a scope, and are left out), ``/``-separated; a tensor fused from several calls
-    joins their scopes with ``;``, the op's own last as a rule (a Conv with a BatchNorm folded in
-    names both; a key projection's weight names the query's first), which the converter does not
-    promise: in a ViT's attention, the value projection's weight carries the query's scope last,
-    which is why Linears go by value. An op is the layer's whose scope is the last such part of
-    its weight's name, else of its output's. A container whose children the parent calls one by
-    one has no level either, which the names do not model.
+    layer's. litert-torch names every tensor after the module calls that made it: the root's
+    class, then ``<class>_<attribute>`` per module level (a ``ModuleList`` or ``ModuleDict`` is
+    iterated, not called, so it has no level: two lists' first Linears share a scope, and are left
+    out), ``/``-separated; a tensor fused from several calls joins their scopes with ``;``, the
+    op's own last as a rule (a Conv with a BatchNorm folded in names both; a key projection's
+    weight names the query's first). An op is the layer's whose scope is the last such part of its
+    weight's name, else of its output's. The converter does not promise the rule: in a ViT's
+    attention it rewrites the key and value projections' weights and their names carry the
+    query's scope last, so those layers are not found (all three read one tensor, which gets the
+    query's range). A container whose children the parent calls one by one has no level either,
+    which the names do not model.
 
     The tensor is the op's input, or, when that comes through ops ai-edge-quantizer gives their
     input's scale (reshape, transpose, pad, pooling, slicing: ``SAME_AS_INPUT_SCALE``), the tensor
     in front of them, whose range is the one quantization reads."""
-    import torch
     from ai_edge_quantizer.algorithms.utils.common_utils import OpQuantConstraint
     from ai_edge_quantizer.utils import constrained_ops_utils
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
@@ -122,22 +120,13 @@ def tflite_layer_inputs(fp32_tflite: Path, module: Any, layers: Iterable[str]) -
     ]
     producer = {out: n for n, op in enumerate(subgraph.operators) for out in op.outputs if out >= 0}
     found: dict[str, list[str]] = {}
-    linears = [
-        (layer, modules[layer].weight.detach().numpy())
-        for layer in scopes.values()
-        if isinstance(getattr(modules[layer], "weight", None), torch.Tensor) and modules[layer].weight.dim() == 2
-    ]
     for op, kind in zip(subgraph.operators, kinds):
         if kind not in TFLITE_MATMUL_OPS or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
             continue
-        weight = fb.get_tensor_data(subgraph.tensors[op.inputs[1]], model.buffers)
-        if weight is None:
+        if fb.get_tensor_data(subgraph.tensors[op.inputs[1]], model.buffers) is None:
             continue  # two activations multiplied: no layer's weight
         owner = None
-        if kind == "FULLY_CONNECTED":  # a Linear's [out, in] weight, stored as it is
-            same = [layer for layer, w in linears if w.shape == weight.shape and np.array_equal(w, weight)]
-            owner = same[0] if len(same) == 1 else None
-        for i in [op.inputs[1], *op.outputs] if owner is None else ():
+        for i in (op.inputs[1], *op.outputs):
             matched = [part for part in _text(subgraph.tensors[i].name).split(";") if part in scopes] if i >= 0 else []
             if matched:
                 owner = scopes[matched[-1]]

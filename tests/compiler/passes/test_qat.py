@@ -341,18 +341,16 @@ def _input_scales(fmt: str, work: Path, module: Any, layers: list[str]) -> dict[
         found = tflite_layer_inputs(work / "model_fp32.tflite", module, layers)
         return {layer: [scales[t] for t in tensors] for layer, tensors in found.items()}
     if fmt == "coreml":
-        import re
-
+        from edgeship.compiler.coreml.emit import coreml_layer_inputs
         from edgeship.compiler.coreml.reference import load_program, main_function
 
-        names = {re.sub(r"\W", "_", layer) + "_weight_to_fp16_quantized": layer for layer in layers}
-        out: dict[str, list[float]] = {}
-        for op in main_function(load_program(work / "model.mlpackage")).operations:
-            if op.op_type in ("linear", "conv") and op.inputs["weight"].name in names:
-                read = op.inputs["x"].op
-                assert read is not None and read.op_type == "dequantize", (op.name, read)
-                out.setdefault(names[op.inputs["weight"].name], []).append(float(np.asarray(read.inputs["scale"].val)))
-        return out
+        function = main_function(load_program(work / "model.mlpackage"))
+        dequantized = {op.outputs[0].name: op for op in function.operations if op.op_type == "dequantize"}
+        found = coreml_layer_inputs(function, layers)  # each x is a dequantize's output in the shipped program
+        return {
+            layer: [float(np.asarray(dequantized[var].inputs["scale"].val)) for var in reads]
+            for layer, reads in found.items()
+        }
     import onnx
     from onnx import numpy_helper
 
@@ -368,20 +366,20 @@ def _input_scales(fmt: str, work: Path, module: Any, layers: list[str]) -> dict[
 @pytest.mark.parametrize(
     "target, precision, symmetric, tolerance, missing",
     [
+        ("linux-x86_64", "int8-qdq", False, 1e-5, []),
         ("android-arm64", "int8-static", False, 1e-5, []),
         ("jetson-orin-nano", "int8-qdq", True, 1e-5, []),
         # Core ML stores scales in float16 (relative step 4.9e-4); the stem's conv has the BatchNorm
         # folded in, a const of coremltools' own with no layer name (it reads the image: calibrated).
         ("ios17", "w8a8", True, 5e-4, ["stem"]),
     ],
-    ids=["tflite", "tensorrt", "coreml"],
+    ids=["onnx", "tflite", "tensorrt", "coreml"],
 )
 def test_every_static_int8_emitter_quantizes_with_the_ranges_qat_trained_with(
     qat_tuned, digits, tmp_path, target, precision, symmetric, tolerance, missing
 ):
-    """TFLite int8-static, TensorRT Q/DQ and Core ML w8a8 quantize what each layer reads with the
-    range ``quantize.qat`` trained it with, as the ONNX emitter does: asymmetric scale (max - min) /
-    255, symmetric max(|min|, |max|) / 127, read back from the tensor the layer's op reads in the
+    """ONNX int8-qdq, TFLite int8-static, TensorRT Q/DQ and Core ML w8a8 quantize what each layer
+    reads with the range ``quantize.qat`` trained it with: asymmetric scale (max - min) / 255, symmetric max(|min|, |max|) / 127, read back from the tensor the layer's op reads in the
     artifact (TFLite's stem reads the image through a reshape, which takes its input's scale). The
     same emitter without the pass's entry calibrates the tuned model again and misses at least one."""
     from edgeship import targets
