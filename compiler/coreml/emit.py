@@ -225,6 +225,12 @@ def emit_coreml(
                 f"stay float); ranges (min/max) from {len(calibration)} calibration samples computed by the numpy "
                 "reference evaluator (Core ML's own calibration needs macOS)"
             )
+            if quantizer.zero_range:
+                notes.append(
+                    f"{len(quantizer.zero_range)} op(s) left with float activations: a tensor they read or write "
+                    "was 0 on every calibration sample (or too small for a float16 scale), which gives no int8 "
+                    f"scale: {quantizer.zero_range}"
+                )
         if precision in _COMPRESSION_DESCRIPTIONS and precision != "w8a8":  # W8A8Quantizer compressed them
             mlmodel = _compress_weights(mlmodel, precision)
         if sparse_weights:
@@ -529,6 +535,9 @@ class W8A8Quantizer:
     ``trained_ranges``: ``{layer: [min, max]}`` that replace the measured ranges of what those
     PyTorch layers' linears and convs read (``coreml_layer_inputs``), before concat inputs and
     outputs are given one range; ``carried_note`` says how many were found.
+
+    ``zero_range``: ops left with float activations because a tensor they read or write was 0 on
+    every calibration sample (see ``_complete_stats``).
     """
 
     def __init__(
@@ -558,7 +567,8 @@ class W8A8Quantizer:
             if op.op_type == "concat"
         ]
         _adjust_concat_surrounding_activation_stats(concat_groups, self._stats)
-        self._skipped = _complete_stats(function, self._stats)
+        self._skipped, self.zero_range = _complete_stats(function, self._stats)
+        self._skipped += self.zero_range
 
     def candidates(self) -> list[str]:
         """The ops whose input activations become int8 (``add`` inputs always stay float), in program order."""
@@ -675,14 +685,18 @@ def coreml_layer_inputs(function: Any, layers: Iterable[str]) -> dict[str, list[
     return found
 
 
-def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> list[str]:
+def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> tuple[list[str], list[str]]:
     """Give the activation passes a range for every input they will look up: a constant (folded
     at conversion, e.g. a cast mask, so never computed at run time) gets its own min/max.
-    Returns the names of ops to leave unquantized because an input has no range (not float,
-    or never computed): coremltools would stop on them with a bare KeyError."""
-    skip = []
+    Returns the names of ops to leave unquantized: those with an input with no range (not float,
+    or never computed), on which coremltools would stop with a bare KeyError; and, second, those with an
+    input or output it would quantize has a zero range (every calibration value 0, e.g. a
+    MobileViT-style zero padding): coremltools derives a zero scale from it and refuses the model
+    ("scale cannot be 0"), and one made up would clip whatever the tensor holds on a device."""
+    skip, zero = [], []
     for op in function.operations:
-        for key in _ACTIVATION_INPUTS.get(op.op_type, ()):
+        keys = _ACTIVATION_INPUTS.get(op.op_type, ())
+        for key in keys:
             var = op.inputs.get(key)
             if var is None or var.name in stats:
                 continue
@@ -692,7 +706,27 @@ def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> list[s
             else:
                 skip.append(op.name)
                 break
-    return skip
+        else:
+            touched = [op.inputs[k].name for k in keys if k in op.inputs]
+            if keys and op.op_type not in W8A8_FLOAT_OUTPUT_OP_TYPES:
+                # The suffix pass quantizes the output, or the output of an activation right after.
+                out = op.outputs[0]
+                touched.append(out.name)
+                if out.child_ops and out.child_ops[0].op_type in _SUFFIX_ACTIVATIONS:
+                    touched.append(out.child_ops[0].outputs[0].name)
+            if any(name in stats and _zero_scale(stats[name]) for name in touched):
+                zero.append(op.name)
+    return skip, zero
+
+
+#: The activations coremltools' suffix pass quantizes after a conv, add or pool instead of its output.
+_SUFFIX_ACTIVATIONS = frozenset({"leaky_relu", "tanh", "scaled_tanh", "sigmoid", "hard_sigmoid", "relu", "relu6"})
+
+
+def _zero_scale(stats: Mapping[str, float]) -> bool:
+    """Whether coremltools' symmetric int8 scale for this range is 0: it reads the range as float16."""
+    amax = float(np.max(np.abs(np.asarray([stats["rmin"], stats["rmax"]], dtype=np.float16))))
+    return bool(np.float16(amax / 127) == 0)
 
 
 def activation_ranges(

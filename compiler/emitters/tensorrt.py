@@ -595,7 +595,9 @@ def _quantize(
                 f"ONNX Runtime cannot pre-process {source.name} for quantization: {_first_line(again)}"
             ) from again
         notes.append(f"symbolic shape inference failed ({_first_line(exc)}); pre-processed with ONNX shape inference")
-    present = Counter(n.op_type for n in onnx.load(str(pre), load_external_data=False).graph.node)
+    pre_graph = onnx.load(str(pre), load_external_data=False).graph
+    present = Counter(n.op_type for n in pre_graph.node)
+    preprocessed = {i.name for i in pre_graph.initializer} - {i.name for i in model.graph.initializer}
     if not any(present[t] for t in QDQ_OP_TYPES):
         raise UsageError(f"{source.name} has no {', '.join(QDQ_OP_TYPES)} for int8 to speed up; use precision fp16")
     methods = {
@@ -645,7 +647,31 @@ def _quantize(
             f"quantizing {source.name} introduced ops of domain(s) {sorted(added)}, which TensorRT does not know"
         )
     _drop_unused_opsets(quantized)
+    _rename_initializers(quantized, preprocessed)
     return quantized
+
+
+def _rename_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    """Give the initializers ``names`` (those ONNX Runtime's pre-processing added, e.g.
+    ``gemm_input_shape``, the Reshape shapes of its MatMul+Add -> Gemm fusion) names of their own.
+    Loading the Q/DQ graph runs that fusion again on the MatMul+Add pairs left, and it names its
+    shapes the same way: ONNX Runtime 1.31 then refuses the model ("Attempt to replace the existing
+    tensor"), seen on BERT-style models, whose 3-D MatMul+Add pairs the pre-processing fuses in part."""
+    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    renamed: dict[str, str] = {}
+    for init in model.graph.initializer:
+        if init.name not in names:
+            continue
+        new = f"edgeship_pre_{init.name}"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        renamed[init.name] = new
+        init.name = new
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
 
 
 def _node_domains(graph: onnx.GraphProto) -> set[str]:

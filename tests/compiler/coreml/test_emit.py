@@ -110,3 +110,44 @@ def test_layer_inputs_are_found_by_the_names_coremltools_gives_weights(tmp_path:
     assert set(found) == {"0", "2"}, found
     linears = [op for op in function.operations if op.op_type == "linear"]
     assert found["0"] == [linears[0].inputs["x"].name] and found["2"] == [linears[1].inputs["x"].name]
+
+
+def test_w8a8_leaves_float_the_ops_whose_activation_is_zero_on_every_calibration_sample(tmp_path: Path):
+    """An activation that is 0 on every calibration sample (here a channel stack a ReLU zeroes) has no
+    range for an int8 scale: coremltools would derive a zero scale and refuse the model ("scale
+    cannot be 0"). The ops reading or writing it keep float activations, the note names them, the
+    rest of the model is quantized, and the numerics still match PyTorch."""
+
+    class DeadBranch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.dead = torch.nn.Conv2d(8, 8, 1)
+            self.head = torch.nn.Conv2d(8, 4, 3, padding=1)
+            with torch.no_grad():
+                self.dead.weight.fill_(-1.0)
+                self.dead.bias.fill_(-1.0)
+
+        def forward(self, x: Any) -> Any:
+            s = torch.relu(self.stem(x))
+            return self.head(s) + self.head(torch.relu(self.dead(s)))  # relu(-sum - 1) of a relu is 0
+
+    torch.manual_seed(0)
+    model = DeadBranch().eval()
+    rng = np.random.default_rng(0)
+    calibration = [{"image": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)} for _ in range(8)]
+    out = tmp_path / "w8a8.mlpackage"
+    result = emit_coreml(
+        model, (torch.from_numpy(calibration[0]["image"]),), ["image"], ["y"], "w8a8", "iOS17", out,
+        calibration=calibration,
+    )  # fmt: skip
+    note = next(n for n in result.notes if "was 0 on every calibration sample" in n)
+    assert note.startswith("2 op(s)"), note  # the dead conv (its ReLU's output) and the head call reading it
+    assert op_types(out).count("quantize") >= 2  # the stem and the live head keep int8 activations
+    evaluator = ReferenceEvaluator(out)
+    for feed in calibration[:3]:
+        with torch.no_grad():
+            expected = model(torch.from_numpy(feed["image"])).numpy()
+        got = evaluator.run(feed)["y"]
+        cosine = float(np.dot(got.ravel(), expected.ravel()) / np.linalg.norm(got) / np.linalg.norm(expected))
+        assert cosine > 0.99, cosine
