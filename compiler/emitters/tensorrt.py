@@ -668,6 +668,8 @@ def _rename_initializers(model: onnx.ModelProto, names: set[str]) -> None:
         taken.add(new)
         renamed[init.name] = new
         init.name = new
+    for value in model.graph.input:  # an initializer may also be listed as a graph input (IR < 4)
+        value.name = renamed.get(value.name, value.name)
     for node in model.graph.node:
         for k, name in enumerate(node.input):
             if name in renamed:
