@@ -27,7 +27,7 @@ Reproduce::
     cd /work/main && .venv/bin/python -m benchmarks.tflite_mixed_int16 [--quick] [--json OUT]
 
 Full size: the 256 calibration and 66 held-out sentences of ``compile_quality``, 50 timed runs
-(about 4 min here). ``--quick`` (CI size): 8 calibration and 8 held-out sentences, 5 timed runs, no
+(about 2.5 min here). ``--quick`` (CI size): 8 calibration and 8 held-out sentences, 5 timed runs, no
 all-int16; its numbers mean nothing beyond "the path runs".
 """
 
@@ -61,7 +61,21 @@ def _owner(scope: str) -> str:
     return parts[-1] if parts else scope
 
 
-def _groups() -> dict[str, Selector]:
+#: How many ops of MiniLM-L6's fp32 TFLite each part of the groups below picks: 6 layers, 13
+#: LayerNorms of 14 ops each (the squared difference among them). A part that picks another count
+#: means litert-torch named the scopes otherwise, and the rows would measure something else.
+EXPECTED_PARTS = {
+    "residual_add": 12,
+    "embedding_add": 1,
+    "layer_norm": 13 * 14,
+    "ffn_out": 6,
+    "mask_add": 6,
+    "softmax": 6,
+    "squared_difference": 13,
+}
+
+
+def _parts() -> dict[str, Selector]:
     from edgeship.compiler.quantizers.tflite import _op_type
 
     def residual_add(key: str, scope: str) -> bool:
@@ -80,22 +94,41 @@ def _groups() -> dict[str, Selector]:
     def ffn_out(key: str, scope: str) -> bool:
         return _op_type(key) == "FULLY_CONNECTED" and "BertOutput_output" in _owner(scope)
 
-    def mask(key: str, scope: str) -> bool:
-        attention = "BertSelfAttention_self" in scope and "LayerNorm" not in scope
-        return (_op_type(key) == "ADD" and attention) or _op_type(key) == "SOFTMAX"
-
-    def float_ops(key: str, scope: str) -> bool:
-        return mask(key, scope) or _op_type(key) == "SQUARED_DIFFERENCE"
-
-    def residual(key: str, scope: str) -> bool:
-        return residual_add(key, scope) or embedding_add(key, scope) or layer_norm(key, scope)
+    def mask_add(key: str, scope: str) -> bool:
+        return _op_type(key) == "ADD" and "BertSelfAttention_self" in scope and "LayerNorm" not in scope
 
     return {
-        "residual": residual,
+        "residual_add": residual_add,
+        "embedding_add": embedding_add,
+        "layer_norm": layer_norm,
         "ffn_out": ffn_out,
+        "mask_add": mask_add,
+        "softmax": lambda key, scope: _op_type(key) == "SOFTMAX",
+        "squared_difference": lambda key, scope: _op_type(key) == "SQUARED_DIFFERENCE",
+    }
+
+
+def _groups(parts: dict[str, Selector]) -> dict[str, Selector]:
+    def pick(*names: str) -> Selector:
+        return lambda key, scope: any(parts[n](key, scope) for n in names)
+
+    float_ops = pick("mask_add", "softmax", "squared_difference")
+    return {
+        "residual": pick("residual_add", "embedding_add", "layer_norm"),
+        "ffn_out": pick("ffn_out"),
         "float": float_ops,
         "all": lambda key, scope: not float_ops(key, scope),
     }
+
+
+def check_parts(fp32: Path, parts: dict[str, Selector]) -> None:
+    """Raise unless each part picks the ops ``EXPECTED_PARTS`` says."""
+    from edgeship.compiler.quantizers.tflite import tflite_ops
+
+    ops = [(key, scope) for key, scope, _ in tflite_ops(fp32)]
+    found = {name: sum(1 for key, scope in ops if sel(key, scope)) for name, sel in parts.items()}
+    if found != EXPECTED_PARTS:
+        raise RuntimeError(f"the op groups picked {found} in {fp32.name}; expected {EXPECTED_PARTS}")
 
 
 #: variant: (groups given int16 activations). The int16 variants leave the "float" group float.
@@ -113,7 +146,7 @@ def build(fp32: Path, out: Path, quantizer: Any, int16: Selector | None, float_o
     from ai_edge_quantizer import algorithm_manager, qtyping
     from ai_edge_quantizer import quantizer as aeq
 
-    from edgeship.compiler.quantizers.tflite import tflite_ops
+    from edgeship.compiler.quantizers.tflite import _op_type, tflite_ops
 
     q = aeq.Quantizer(str(fp32), quantizer.recipe())
     ops = [(key, scope) for key, scope, _ in tflite_ops(fp32)]
@@ -129,6 +162,10 @@ def build(fp32: Path, out: Path, quantizer: Any, int16: Selector | None, float_o
     for key, scope in ops:
         if int16 is not None and int16(key, scope):
             by_type.setdefault(key, []).append(scope)
+    if int16 is not None and not by_type:
+        raise RuntimeError(
+            f"{out.stem}: no op of {fp32.name} is in its int16 groups (litert-torch named the scopes otherwise?)"
+        )
     for key, scopes in by_type.items():
         try:
             q.update_quantization_recipe(
@@ -137,9 +174,12 @@ def build(fp32: Path, out: Path, quantizer: Any, int16: Selector | None, float_o
                 op_config=config,
                 algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
             )
-        except ValueError:  # no int16 policy for this op type (SQUARED_DIFFERENCE): the float entry takes it
-            pass
+        except ValueError:  # no int16 policy for this op type
+            if _op_type(key) != "SQUARED_DIFFERENCE":  # the float entry below takes that one
+                raise
     kept = [scope for key, scope in ops if float_ops is not None and float_ops(key, scope)]
+    if float_ops is not None and not kept:
+        raise RuntimeError(f"{out.stem}: found no attention mask add, softmax or squared difference to keep float")
     if kept:
         q.update_quantization_recipe(
             regex="^(?:" + "|".join(re.escape(s) for s in dict.fromkeys(kept)) + ")$",
@@ -214,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     case = minilm_case()
     calibration, sentences, runs = (8, 8, 5) if args.quick else (len(case.calibration["input_ids"]), case.samples, 50)
     variants = [v for v in VARIANTS if not (args.quick and v == "all-int16")]
-    groups = _groups()
+    parts = _parts()
+    groups = _groups(parts)
     feeds = [case.feed(i, case.calibration) for i in range(calibration)]
     quantizer = TFLiteQuantizer("int8-static", calibration=feeds)
     rows = []
@@ -222,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         fp32 = Path(tmp) / "fp32.tflite"
         example = tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names)
         litert_torch.convert(case.module, example).export(str(fp32))
+        check_parts(fp32, parts)
         base = measure(fp32, case, sentences, runs)
         print(f"MiniLM-L6 TFLite, {calibration} calibration / {sentences} held-out sentences, {runs} timed runs")
         print(f"{'variant':24} {'cosine worst':>12} {'mean':>8} {'int8':>5} {'int16':>5} {'float':>5} {'(de)q':>5} "

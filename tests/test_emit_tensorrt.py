@@ -362,3 +362,62 @@ def test_already_quantized_graphs_and_unknown_precisions_are_refused(
         emit_tensorrt(digits.path, tmp_path, precision="int8", calibration=None)
     with pytest.raises(UsageError, match="min_tensorrt_version"):
         emit_tensorrt(digits.path, tmp_path, precision="fp16", calibration=None, min_tensorrt_version="ten")
+
+
+def test_initializers_the_preprocessing_added_get_names_of_their_own_everywhere_they_are_read() -> None:
+    """``_rename_initializers``: the renamed initializer keeps its data and every reader (a node, a
+    node inside an If branch, a graph input listing it) reads the new name; the model still runs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgeship.compiler.emitters.tensorrt import _rename_initializers
+
+    shape = helper.make_tensor("gemm_input_shape", TensorProto.INT64, [2], [1, 4])
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [4], [1, 2, 3, 4])
+    branch = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "gemm_input_shape"], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [1, 4])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [1, 4])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "gemm_input_shape"], ["r"]),
+            helper.make_node("Add", ["r", "bias"], ["y"]),
+            helper.make_node("If", ["flag"], ["z"], then_branch=branch, else_branch=other),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("gemm_input_shape", TensorProto.INT64, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4]),
+        ],
+        [shape, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _rename_initializers(model, {"gemm_input_shape"})
+
+    new = "edgeship_pre_gemm_input_shape"
+    assert {i.name for i in model.graph.initializer} == {new, "bias"}
+    assert [v.name for v in model.graph.input] == ["x", "flag", new]
+    assert model.graph.node[0].input[1] == new
+    then = next(a.g for a in model.graph.node[2].attribute if a.name == "then_branch")
+    assert then.node[0].input[1] == new
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float32)
+    y, z = session.run(None, {"x": x, "flag": np.array(True)})
+    np.testing.assert_array_equal(y, [[1, 3, 5, 7]])
+    np.testing.assert_array_equal(z, [[0, 1, 2, 3]])

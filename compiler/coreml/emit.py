@@ -688,11 +688,13 @@ def coreml_layer_inputs(function: Any, layers: Iterable[str]) -> dict[str, list[
 def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> tuple[list[str], list[str]]:
     """Give the activation passes a range for every input they will look up: a constant (folded
     at conversion, e.g. a cast mask, so never computed at run time) gets its own min/max.
-    Returns the names of ops to leave unquantized: those with an input with no range (not float,
-    or never computed), on which coremltools would stop with a bare KeyError; and, second, those with an
-    input or output it would quantize has a zero range (every calibration value 0, e.g. a
-    MobileViT-style zero padding): coremltools derives a zero scale from it and refuses the model
-    ("scale cannot be 0"), and one made up would clip whatever the tensor holds on a device."""
+    Returns two lists of names of ops to leave unquantized. First, ops with an input that has no
+    range (not float, or never computed): coremltools would stop on them with a bare KeyError.
+    Second, ops with a computed input or output the passes would quantize whose range is zero
+    (every calibration value 0, or too small for a float16 scale): coremltools derives a zero
+    scale from it and refuses the model ("scale cannot be 0"), and a made-up range would clip
+    whatever the tensor holds on a device. Ops ``W8A8_FLOAT_OP_TYPES`` keeps float are never in the
+    second list."""
     skip, zero = [], []
     for op in function.operations:
         keys = _ACTIVATION_INPUTS.get(op.op_type, ())
@@ -707,19 +709,23 @@ def _complete_stats(function: Any, stats: dict[str, dict[str, float]]) -> tuple[
                 skip.append(op.name)
                 break
         else:
-            touched = [op.inputs[k].name for k in keys if k in op.inputs]
-            if keys and op.op_type not in W8A8_FLOAT_OUTPUT_OP_TYPES:
-                # The suffix pass quantizes the output, or the output of an activation right after.
+            if not keys or op.op_type in W8A8_FLOAT_OP_TYPES:
+                continue
+            # A constant input is left alone by the prefix pass.
+            touched = [op.inputs[k].name for k in keys if k in op.inputs and op.inputs[k].val is None]
+            if op.op_type not in W8A8_FLOAT_OUTPUT_OP_TYPES:
+                # The suffix pass quantizes the output, or instead the output of an activation right after.
                 out = op.outputs[0]
-                touched.append(out.name)
                 if out.child_ops and out.child_ops[0].op_type in _SUFFIX_ACTIVATIONS:
-                    touched.append(out.child_ops[0].outputs[0].name)
+                    out = out.child_ops[0].outputs[0]
+                touched.append(out.name)
             if any(name in stats and _zero_scale(stats[name]) for name in touched):
                 zero.append(op.name)
     return skip, zero
 
 
-#: The activations coremltools' suffix pass quantizes after a conv, add or pool instead of its output.
+#: The activations after a conv, linear, add or pool whose output coremltools' suffix pass quantizes
+#: instead of the op's (``insert_suffix_quantize_dequantize_pair._allowed_activations``; a test checks).
 _SUFFIX_ACTIVATIONS = frozenset({"leaky_relu", "tanh", "scaled_tanh", "sigmoid", "hard_sigmoid", "relu", "relu6"})
 
 

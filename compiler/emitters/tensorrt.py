@@ -657,7 +657,9 @@ def _rename_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     Loading the Q/DQ graph runs that fusion again on the MatMul+Add pairs left, and it names its
     shapes the same way: ONNX Runtime 1.31 then refuses the model ("Attempt to replace the existing
     tensor"), seen on BERT-style models, whose 3-D MatMul+Add pairs the pre-processing fuses in part."""
-    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    graph = model.graph
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
     renamed: dict[str, str] = {}
     for init in model.graph.initializer:
         if init.name not in names:
@@ -670,10 +672,19 @@ def _rename_initializers(model: onnx.ModelProto, names: set[str]) -> None:
         init.name = new
     for value in model.graph.input:  # an initializer may also be listed as a graph input (IR < 4)
         value.name = renamed.get(value.name, value.name)
-    for node in model.graph.node:
+    _rename_inputs(model.graph, renamed)
+
+
+def _rename_inputs(graph: onnx.GraphProto, renamed: Mapping[str, str]) -> None:
+    """Rename node inputs in ``graph`` and the subgraphs of its If/Loop/Scan nodes (which may read
+    an outer initializer)."""
+    for node in graph.node:
         for k, name in enumerate(node.input):
             if name in renamed:
                 node.input[k] = renamed[name]
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _rename_inputs(sub, renamed)
 
 
 def _node_domains(graph: onnx.GraphProto) -> set[str]:

@@ -19,11 +19,14 @@ def test_quick_mixed_int16_benchmark_builds_runs_and_counts_every_variant(tmp_pa
     result = json.loads((tmp_path / "out.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["int8", "residual-int16", "residual+ffn-out-int16"]
-    assert rows["int8"]["ops"].get("int16", 0) == 0
+    int8 = rows["int8"]["ops"]
+    assert int8.get("int16", 0) == 0
     for name in ("residual-int16", "residual+ffn-out-int16"):
         ops = rows[name]["ops"]
-        # int16 ops, and requantize ops where they meet the int8 ones
-        assert ops["int16"] > 0 and ops["quantize/dequantize"] > 0 and ops["int8"] > 0, (name, ops)
+        # int16 ops, requantize ops where they meet the int8 ones (int8 has only its input and output
+        # ones), and the attention mask path and squared differences float
+        assert ops["int16"] > 0 and ops["int8"] > 0, (name, ops)
+        assert ops["quantize/dequantize"] > int8["quantize/dequantize"] and ops["float"] > int8["float"], (name, ops)
     assert rows["residual+ffn-out-int16"]["ops"]["int16"] > rows["residual-int16"]["ops"]["int16"]
     # What the route is for: an int16 residual stream keeps what one int8 scale rounds away.
     assert rows["residual-int16"]["worst"] > rows["int8"]["worst"] + 0.1, rows

@@ -191,9 +191,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[], Any], str]] = {
 CI_ARCHITECTURES = ("bert", "distilbert", "gpt2", "vit", "convnext", "whisper-encoder")
 
 
-def _compile(
-    name: str, variants: dict[str, list[str]], out: Any, min_cosine: float | None = None, search: bool = False
-) -> Any:
+def _compile(name: str, variants: dict[str, list[str]], out: Any, min_cosine: float | None = None) -> Any:
     """Compile ``name`` for ``variants``; ``min_cosine``: the quality gate's budget for every precision (the
     int8 test holds random-weight models to its own, lower bound; the default gate would refuse some)."""
     build, kind = ARCHITECTURES[name]
@@ -204,8 +202,11 @@ def _compile(
     data = INPUTS[kind](np.random.default_rng(0))
     with torch.no_grad():
         reference = model(*(torch.from_numpy(v) for v in data.values()))
-    # A model whose outputs are all near 0 matches any variant: the cosines below would say nothing.
-    assert float(reference.abs().max()) > 1e-3, f"{name}: random weights give outputs near 0"
+    # A model whose outputs are all near 0, or the same whatever the input, matches any variant: the
+    # cosines below would say nothing.
+    scale = float(reference.abs().max())
+    assert scale > 1e-3, f"{name}: random weights give outputs near 0"
+    assert float(reference.std(dim=0).max()) > 1e-3 * scale, f"{name}: the outputs do not depend on the input"
     examples = tuple(torch.from_numpy(v[:1]) for v in data.values())
     source = from_module(model, examples, input_names=list(data), output_names=["output"])
     recipe = Recipe.from_dict(
@@ -215,7 +216,6 @@ def _compile(
             "validation": {"latency_runs": 1, "golden_cases": 2}
             | ({"min_cosine": min_cosine} if min_cosine is not None else {}),
         }
-        | ({"quantize": {"min_cosine": min_cosine}} if search else {})
     )
     return compile_model(
         source,
@@ -256,9 +256,14 @@ INT8 = {
 }
 INT8_MIN_COSINE = 0.9
 #: MobileViT (BatchNorm normalizing, SiLU, unfold/fold around attention) loses far more to int8 than
-#: the others: ONNX int8-qdq 0.55, Core ML w8a8 0.87 at the worst held-out sample (docs/compiler.md).
-#: Its bound says the variants compute the model's function at all; the default gate refuses them.
-INT8_MIN_COSINE_FOR = {"mobilevit": 0.5}
+#: the others at the worst held-out sample (docs/compiler.md: ONNX int8-qdq 0.55 at its convolutions,
+#: Core ML w8a8 0.87, the rest 0.90-0.98). Its bounds say the variants compute the model's function;
+#: the default gate (0.99) refuses them all.
+INT8_MIN_COSINE_FOR = {
+    ("mobilevit", "linux-x86_64", "int8-qdq"): 0.5,
+    ("mobilevit", "ios17", "w8a8"): 0.8,
+    ("mobilevit", "android-arm64", "int8-static"): 0.85,
+}
 
 
 @pytest.mark.slow
@@ -271,8 +276,12 @@ def test_transformers_model_at_fp32(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_transformers_model_int8_variants_convert_and_validate(name, tmp_path):
-    bound = INT8_MIN_COSINE_FOR.get(name, INT8_MIN_COSINE)
-    report = _compile(name, INT8, tmp_path, min_cosine=bound)
+    bounds = {(t, p): INT8_MIN_COSINE_FOR.get((name, t, p), INT8_MIN_COSINE) for t, ps in INT8.items() for p in ps}
+    report = _compile(name, INT8, tmp_path, min_cosine=min(bounds.values()))
     assert not report.failed, [(v.target, v.precision, v.error) for v in report.failed]
     for v in report.variants:
-        assert v.metrics.backend is not None and v.metrics.cosine_min >= bound, (v.target, v.precision)
+        assert v.metrics.backend is not None and v.metrics.cosine_min >= bounds[v.target, v.precision], (
+            v.target,
+            v.precision,
+            v.metrics.cosine_min,
+        )

@@ -151,3 +151,13 @@ def test_w8a8_leaves_float_the_ops_whose_activation_is_zero_on_every_calibration
         got = evaluator.run(feed)["y"]
         cosine = float(np.dot(got.ravel(), expected.ravel()) / np.linalg.norm(got) / np.linalg.norm(expected))
         assert cosine > 0.99, cosine
+
+
+def test_the_activations_the_zero_range_check_follows_are_those_coremltools_quantizes_after():
+    from coremltools.converters.mil.mil.passes.defs.optimize_activation_quantization import (
+        insert_suffix_quantize_dequantize_pair,
+    )
+
+    from edgeship.compiler.coreml.emit import _SUFFIX_ACTIVATIONS
+
+    assert set(insert_suffix_quantize_dequantize_pair._allowed_activations) == _SUFFIX_ACTIVATIONS
