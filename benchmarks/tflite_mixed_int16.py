@@ -121,14 +121,11 @@ def _groups(parts: dict[str, Selector]) -> dict[str, Selector]:
     }
 
 
-def check_parts(fp32: Path, parts: dict[str, Selector]) -> None:
-    """Raise unless each part picks the ops ``EXPECTED_PARTS`` says."""
-    from edgeship.compiler.quantizers.tflite import tflite_ops
-
-    ops = [(key, scope) for key, scope, _ in tflite_ops(fp32)]
+def check_parts(ops: list[tuple[str, str]], parts: dict[str, Selector]) -> None:
+    """Raise unless each part picks as many of ``ops`` as ``EXPECTED_PARTS`` says."""
     found = {name: sum(1 for key, scope in ops if sel(key, scope)) for name, sel in parts.items()}
     if found != EXPECTED_PARTS:
-        raise RuntimeError(f"the op groups picked {found} in {fp32.name}; expected {EXPECTED_PARTS}")
+        raise RuntimeError(f"the op groups picked {found} of MiniLM's ops; expected {EXPECTED_PARTS}")
 
 
 #: variant: (groups given int16 activations). The int16 variants leave the "float" group float.
@@ -140,32 +137,23 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def build(fp32: Path, out: Path, quantizer: Any, int16: Selector | None, float_ops: Selector | None) -> None:
-    """``quantizer``'s int8-static recipe, plus int16 activations for the ops ``int16`` picks and
-    none for those ``float_ops`` picks (one regex entry per op type: ai-edge-quantizer keys them so)."""
-    from ai_edge_quantizer import algorithm_manager, qtyping
+def build(
+    fp32: Path, ops: list[tuple[str, str]], out: Path, quantizer: Any, int16: Selector, float_ops: Selector
+) -> None:
+    """``quantizer``'s int8-static recipe, plus int16 activations (the op config of
+    ``static_wi8_ai16``, which edgeship's ``w8a16`` ships) for the ``ops`` ``int16`` picks and none
+    for those ``float_ops`` picks (one int16 entry per op type: ai-edge-quantizer keys them so)."""
+    from ai_edge_quantizer import algorithm_manager, qtyping, recipe
     from ai_edge_quantizer import quantizer as aeq
 
-    from edgeship.compiler.quantizers.tflite import _op_type, tflite_ops
+    from edgeship.compiler.quantizers.tflite import _left_float, _op_type
 
     q = aeq.Quantizer(str(fp32), quantizer.recipe())
-    ops = [(key, scope) for key, scope, _ in tflite_ops(fp32)]
-    config = qtyping.OpQuantizationConfig(
-        activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, symmetric=True),
-        weight_tensor_config=qtyping.TensorQuantizationConfig(
-            num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE
-        ),
-        compute_precision=qtyping.ComputePrecision.INTEGER,
-        explicit_dequantize=False,
-    )
+    config = qtyping.OpQuantizationConfig.from_dict(recipe.static_wi8_ai16()[0]["op_config"])
     by_type: dict[str, list[str]] = {}
     for key, scope in ops:
-        if int16 is not None and int16(key, scope):
+        if int16(key, scope):
             by_type.setdefault(key, []).append(scope)
-    if int16 is not None and not by_type:
-        raise RuntimeError(
-            f"{out.stem}: no op of {fp32.name} is in its int16 groups (litert-torch named the scopes otherwise?)"
-        )
     for key, scopes in by_type.items():
         try:
             q.update_quantization_recipe(
@@ -177,15 +165,7 @@ def build(fp32: Path, out: Path, quantizer: Any, int16: Selector | None, float_o
         except ValueError:  # no int16 policy for this op type
             if _op_type(key) != "SQUARED_DIFFERENCE":  # the float entry below takes that one
                 raise
-    kept = [scope for key, scope in ops if float_ops is not None and float_ops(key, scope)]
-    if float_ops is not None and not kept:
-        raise RuntimeError(f"{out.stem}: found no attention mask add, softmax or squared difference to keep float")
-    if kept:
-        q.update_quantization_recipe(
-            regex="^(?:" + "|".join(re.escape(s) for s in dict.fromkeys(kept)) + ")$",
-            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-            algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE,
-        )
+    _left_float(q, [scope for key, scope in ops if float_ops(key, scope)])
     q.quantize(quantizer._calibrate(fp32), enable_progress_report=False).export_model(str(out), overwrite=True)
 
 
@@ -246,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.compile_quality import minilm_case
-    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer
+    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_ops
 
     torch.set_num_threads(1)
     print(describe())
@@ -263,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         fp32 = Path(tmp) / "fp32.tflite"
         example = tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names)
         litert_torch.convert(case.module, example).export(str(fp32))
-        check_parts(fp32, parts)
+        ops = [(key, scope) for key, scope, _ in tflite_ops(fp32)]
+        check_parts(ops, parts)
         base = measure(fp32, case, sentences, runs)
         print(f"MiniLM-L6 TFLite, {calibration} calibration / {sentences} held-out sentences, {runs} timed runs")
         print(f"{'variant':24} {'cosine worst':>12} {'mean':>8} {'int8':>5} {'int16':>5} {'float':>5} {'(de)q':>5} "
@@ -277,12 +258,15 @@ def main(argv: list[str] | None = None) -> int:
             def picks(key: str, scope: str, chosen: tuple[str, ...] = chosen) -> bool:
                 return any(groups[g](key, scope) for g in chosen)
 
-            build(fp32, out, quantizer, picks if chosen else None, groups["float"] if chosen else None)
+            if chosen:
+                build(fp32, ops, out, quantizer, picks, groups["float"])
+            else:
+                quantizer(fp32, out, [])  # int8-static as the TFLite emitter ships it
             row = {"variant": name, **measure(out, case, sentences, runs), "ops": op_census(out)}
             row["latency_vs_fp32"] = row["ms"] / base["ms"]
-            ops = row["ops"]
-            print(f"{name:24} {row['worst']:12.4f} {row['mean']:8.4f} {ops.get('int8', 0):5d} {ops.get('int16', 0):5d} "
-                  f"{ops.get('float', 0):5d} {ops.get('quantize/dequantize', 0):5d} {row['ms']:8.1f} "
+            census = row["ops"]
+            print(f"{name:24} {row['worst']:12.4f} {row['mean']:8.4f} {census.get('int8', 0):5d} {census.get('int16', 0):5d} "
+                  f"{census.get('float', 0):5d} {census.get('quantize/dequantize', 0):5d} {row['ms']:8.1f} "
                   f"{row['latency_vs_fp32']:7.2f}x")  # fmt: skip
             rows.append(row)
     print(f"({time.time() - start:.0f} s)")

@@ -229,7 +229,8 @@ def emit_coreml(
                 notes.append(
                     f"{len(quantizer.zero_range)} op(s) left with float activations: a tensor they read or write "
                     "was 0 on every calibration sample (or too small for a float16 scale), which gives no int8 "
-                    f"scale: {quantizer.zero_range}"
+                    f"scale: {quantizer.zero_range}; calibration samples that make them non-zero would let them "
+                    "be quantized"
                 )
         if precision in _COMPRESSION_DESCRIPTIONS and precision != "w8a8":  # W8A8Quantizer compressed them
             mlmodel = _compress_weights(mlmodel, precision)
@@ -567,8 +568,8 @@ class W8A8Quantizer:
             if op.op_type == "concat"
         ]
         _adjust_concat_surrounding_activation_stats(concat_groups, self._stats)
-        self._skipped, self.zero_range = _complete_stats(function, self._stats)
-        self._skipped += self.zero_range
+        no_range, self.zero_range = _complete_stats(function, self._stats)
+        self._skipped = [*no_range, *self.zero_range]
 
     def candidates(self) -> list[str]:
         """The ops whose input activations become int8 (``add`` inputs always stay float), in program order."""
