@@ -28,7 +28,7 @@ THREAD_ENV = {
 
 def cpu() -> tuple[str, list[str]]:
     """The CPU model name and which of ``FLAGS`` it has (from /proc/cpuinfo)."""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and not model:

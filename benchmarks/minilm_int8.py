@@ -3,7 +3,10 @@
 all-MiniLM-L6-v2 exactly as ``benchmarks/compile_quality.py`` builds it (token embeddings, sequence
 128, padding zeroed; 256 recombined calibration sentences; the 66 held-out sentences), once as is
 ("plain") and once after the ``quantize.smooth`` pass ("smoothed", SmoothQuant with ``--alpha`` on
-``--layers``), each quantized with the quantizers the emitters ship:
+``--layers``); with ``--qat`` also "smoothed+qat": ``quantize.qat`` at its defaults after smoothing
+(training on the calibration sentences), its trained ranges carried into ONNX int8-qdq, TFLite
+int8-static and Core ML w8a8 as the emitters carry them. Each is quantized with the quantizers the
+emitters ship:
 
 * ONNX Runtime int8-qdq (static Q/DQ, MinMax) and int8-dynamic: all-int8 cosine, then the layer search
   (``search.fronts.choose``, fallback auto, aiming at 0.995 + ``--margin`` on the calibration sentences)
@@ -16,10 +19,10 @@ all-MiniLM-L6-v2 exactly as ``benchmarks/compile_quality.py`` builds it (token e
 * host latency on one thread of every ONNX artifact, interleaved (as compile_quality measures it),
   against the plain fp32 model.
 
-Cosine: per held-out sentence over the whole 128x384 output, the worst sentence ("cos min", what the
-goal checks). Reproduce::
+Cosine: per held-out sentence over the whole 128x384 output, to the plain fp32 model, the worst
+sentence ("cos min", what the goal checks). Reproduce::
 
-    cd /work/main && .venv/bin/python -m benchmarks.minilm_int8 [--coreml] [--tflite-search] [--json OUT]
+    cd /work/main && .venv/bin/python -m benchmarks.minilm_int8 [--qat] [--coreml] [--tflite-search] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,19 +42,26 @@ from benchmarks import machine
 TARGET = cq.TARGET_COSINE
 
 
-def smooth_module(case: cq.Case, alpha: float | str, layers: str) -> tuple[Any, dict[str, Any]]:
-    """The case's module after ``quantize.smooth`` calibrated on the case's calibration sentences."""
+def smooth_module(
+    case: cq.Case, alpha: float | str, layers: str, qat: bool = False
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The case's module after ``quantize.smooth`` (and ``quantize.qat`` at its defaults when ``qat``)
+    calibrated on the case's calibration sentences; with the passes' report entries."""
     from edgeship.compiler import Dataset, Recipe
     from edgeship.compiler.passes import run_passes
 
     recipe = Recipe.from_dict(
-        {"passes": ["quantize.smooth"], "quantize": {"smooth": {"alpha": alpha, "layers": layers}}}
+        {
+            "passes": ["quantize.smooth", *(["quantize.qat"] if qat else [])],
+            "quantize": {"smooth": {"alpha": alpha, "layers": layers}},
+        }
     )
-    step = recipe.passes[0]
     working = run_passes(
-        _source(case, case.module), [(step.name, step.settings)], calibration=Dataset(dict(case.calibration))
+        _source(case, case.module),
+        [(step.name, step.settings) for step in recipe.passes],
+        calibration=Dataset(dict(case.calibration)),
     )
-    return working.module, working.history[0]
+    return working.module, list(working.history)
 
 
 def _source(case: cq.Case, module: Any) -> Any:
@@ -66,22 +76,34 @@ def _source(case: cq.Case, module: Any) -> Any:
 
 
 def build_rows(
-    case: cq.Case, config: str, module: Any, work: Path, args: argparse.Namespace, say: Callable[[str], None]
+    case: cq.Case,
+    config: str,
+    module: Any,
+    work: Path,
+    args: argparse.Namespace,
+    say: Callable[[str], None],
+    ranges: dict[str, list[float]] | None = None,
 ) -> list[cq.Row]:
-    """Every artifact of one configuration (plain or smoothed), not yet measured."""
+    """Every artifact of one configuration (plain, smoothed or smoothed+qat), not yet measured.
+    ``ranges``: what ``quantize.qat`` trained each layer's input with, carried into ONNX int8-qdq
+    and TFLite int8-static as the emitters carry them. The layer searches aim at the case's own
+    fp32 model, not at ``module`` (QAT changed its weights)."""
     import torch
 
     from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32
     from edgeship.compiler.emitters.tflite import _convert
-    from edgeship.compiler.quantizers.onnx import OnnxQuantizer
-    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_candidates
+    from edgeship.compiler.quantizers import carried_ranges
+    from edgeship.compiler.quantizers.onnx import OnnxQuantizer, layer_inputs
+    from edgeship.compiler.quantizers.tflite import TFLiteQuantizer, tflite_candidates, tflite_layer_inputs
     from edgeship.compiler.search.fronts import choose, onnx_float_nodes, tflite_float_ops
 
     work.mkdir(parents=True, exist_ok=True)
     source = _source(case, module)
     feeds = [case.feed(i, case.calibration) for i in range(len(case.calibration["input_ids"]))]
     with torch.no_grad():
-        refs = [{case.output_name: module(*(torch.from_numpy(f[k]) for k in case.input_names)).numpy()} for f in feeds]
+        refs = [
+            {case.output_name: case.module(*(torch.from_numpy(f[k]) for k in case.input_names)).numpy()} for f in feeds
+        ]
     rows: list[cq.Row] = []
 
     def row(fmt: str, precision: str, route: str, path: Path, t0: float, **extra: Any) -> cq.Row:
@@ -101,7 +123,13 @@ def build_rows(
     for precision in ("int8-qdq", "int8-dynamic"):
         say(f"  {config}: ONNX {precision}")
         t0 = time.perf_counter()
-        quantizer = OnnxQuantizer(precision, calibration=feeds if precision == "int8-qdq" else None)
+        carried: dict[str, tuple[float, float]] = {}
+        if ranges and precision == "int8-qdq":
+            carried, note = carried_ranges(layer_inputs(fp32, ranges), ranges)
+            say(f"  {config}: {note}")
+        quantizer = OnnxQuantizer(
+            precision, calibration=feeds if precision == "int8-qdq" else None, input_ranges=carried
+        )
         out = work / f"{precision}.onnx"
         quantizer(fp32, out, [])
         row("onnx", precision, "all int8", out, t0)
@@ -126,7 +154,11 @@ def build_rows(
     with cq._chatter_to(work / "convert.log"):
         _convert(source, tfl32, "android-arm64")
     row("tflite", "fp32", "litert-torch", tfl32, t0)
-    quantizer_t = TFLiteQuantizer("int8-static", calibration=feeds)
+    carried_t: dict[str, tuple[float, float]] = {}
+    if ranges:
+        carried_t, note = carried_ranges(tflite_layer_inputs(tfl32, module, ranges), ranges)
+        say(f"  {config}: {note}")
+    quantizer_t = TFLiteQuantizer("int8-static", calibration=feeds, input_ranges=carried_t)
     static = work / "int8-static.tflite"
     quantizer_t(tfl32, static, [])
     row("tflite", "int8-static", "all int8", static, t0)
@@ -175,6 +207,7 @@ def build_rows(
                     "iOS17",
                     path,
                     calibration=feeds[: args.coreml_samples],
+                    trained_ranges=ranges,
                     **search,
                 )
             r = row("coreml", "w8a8", route, path, t0)
@@ -221,7 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tflite-search", action="store_true", help="also the TFLite int8-static layer search (slow)")
     parser.add_argument("--search-dynamic", action="store_true", help="also the ONNX int8-dynamic layer search")
     parser.add_argument("--fallback", default="weight-only", help="layers set apart: weight-only, float or auto")
-    parser.add_argument("--only", choices=("plain", "smoothed"), help="build one configuration")
+    parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="also smoothed+qat: quantize.qat at its defaults after smoothing, its trained ranges carried",
+    )
+    parser.add_argument("--only", choices=("plain", "smoothed", "smoothed+qat"), help="build one configuration")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of interleaved ONNX latency")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path)
@@ -244,17 +282,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     case = cq.minilm_case()
     rows: list[cq.Row] = []
     entry: dict[str, Any] | None = None
+    qat_entry: dict[str, Any] | None = None
     # Smoothed first: its figures are the new ones; each configuration is measured and printed as it ends.
-    for config in ("smoothed", "plain"):
+    configs = ("smoothed", *(("smoothed+qat",) if args.qat else ()), "plain")
+    for config in configs:
         if args.only and config != args.only:
             continue
         module = case.module
-        if config == "smoothed":
-            module, entry = smooth_module(case, args.alpha, args.layers)
+        ranges = None
+        if config.startswith("smoothed"):
+            if config == "smoothed+qat":
+                say("  quantize.smooth + quantize.qat (training on the calibration sentences)")
+            module, history = smooth_module(case, args.alpha, args.layers, qat=config == "smoothed+qat")
+            entry = history[0]
             say(f"  smoothed {entry['layers']} Linears; outlier ratio {entry['outlier_ratio_before']} -> "
                 f"{entry['outlier_ratio_after']}; fp32 output change {entry['fp32_output_change']:.1e}")  # fmt: skip
+            if config == "smoothed+qat":
+                qat_entry = {k: v for k, v in history[1].items() if k != "ranges"}
+                ranges = history[1]["ranges"]
+                say(f"  quantize.qat: {qat_entry}")
         with cq._quiet_warnings():
-            built = build_rows(case, config, module, work / config, args, say)
+            built = build_rows(case, config, module, work / config.replace("+", "-"), args, say, ranges)
         cq.measure_quality(case, built, say)
         rows += built
         print("\n".join(table(built, {})), flush=True)
@@ -268,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fp32_ms[r.format] = r.latency_ms
     print(f"MiniLM static int8, plain vs quantize.smooth (alpha {args.alpha}, layers {args.layers})")
     print(f"machine: {machine.describe()}")
+    if qat_entry:
+        print(f"quantize.qat: {qat_entry}")
     if entry:
         print(f"smoothing: {entry['layers']} Linears, outlier ratio (max/median channel) {entry['outlier_ratio_before']} "
               f"-> {entry['outlier_ratio_after']}, fp32 output change {entry['fp32_output_change']:.1e}")  # fmt: skip
@@ -279,7 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"machine": machine.describe(), "smoothing": entry, "rows": [r.__dict__ for r in rows]},
+                {
+                    "machine": machine.describe(),
+                    "smoothing": entry,
+                    "qat": qat_entry,
+                    "rows": [r.__dict__ for r in rows],
+                },
                 indent=2,
                 default=str,
             )
