@@ -13,6 +13,12 @@ result. This measures that route, op groups picked by the scopes litert-torch gi
 * ``residual+ffn-out-int16``: also the 6 FFN output fully connected ops (their outputs reach +-192
   and feed the residual ADD).
 * ``all-int16``: every op int16 (TFLite's 16x8 mode, ``w8a16`` in edgeship).
+* ``matmuls-int8``: the reverse question, whether int8 on the 48 matrix multiplies alone (36 fully
+  connected, 12 batch matmuls; ONNX Runtime's Q/DQ route quantizes these and nothing else) can hold
+  0.995 when every other op keeps 16 bits: int16 everywhere but there. TFLite gives an int8 fully
+  connected op an int8 output, so this rounds what each one writes too.
+* ``matmuls-int8-but-projections``: the same with the 12 projections that write into the residual
+  stream (attention output and FFN output) int16 as well: 25 % of the matrix multiplies set apart.
 
 In the three int16 variants the attention mask ADD, SOFTMAX and SQUARED_DIFFERENCE stay float: the
 mask (-10,000) takes a whole int16 range SOFTMAX reads again, and ai-edge-quantizer has no int16
@@ -27,8 +33,9 @@ Reproduce::
     cd /work/main && .venv/bin/python -m benchmarks.tflite_mixed_int16 [--quick] [--json OUT]
 
 Full size: the 256 calibration and 66 held-out sentences of ``compile_quality``, 50 timed runs
-(about 2.5 min here). ``--quick`` (CI size): 8 calibration and 8 held-out sentences, 5 timed runs, no
-all-int16; its numbers mean nothing beyond "the path runs".
+(about 7 min here). ``--quick`` (CI size): 8 calibration and 8 held-out sentences, 5 timed runs, no
+all-int16; its numbers mean nothing beyond "the path runs". ``--smooth``: the
+model after ``quantize.smooth`` at its defaults (cosines still to the plain fp32 model).
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ EXPECTED_PARTS = {
     "mask_add": 6,
     "softmax": 6,
     "squared_difference": 13,
+    "matmul": 6 * 6 + 6 * 2,
+    "residual_projection": 12,
 }
 
 
@@ -94,6 +103,11 @@ def _parts() -> dict[str, Selector]:
     def ffn_out(key: str, scope: str) -> bool:
         return _op_type(key) == "FULLY_CONNECTED" and "BertOutput_output" in _owner(scope)
 
+    def residual_projection(key: str, scope: str) -> bool:
+        return _op_type(key) == "FULLY_CONNECTED" and bool(
+            re.search(r"(BertSelfOutput_output|BertOutput_output)/", _owner(scope))
+        )
+
     def mask_add(key: str, scope: str) -> bool:
         return _op_type(key) == "ADD" and "BertSelfAttention_self" in scope and "LayerNorm" not in scope
 
@@ -105,6 +119,8 @@ def _parts() -> dict[str, Selector]:
         "mask_add": mask_add,
         "softmax": lambda key, scope: _op_type(key) == "SOFTMAX",
         "squared_difference": lambda key, scope: _op_type(key) == "SQUARED_DIFFERENCE",
+        "matmul": lambda key, scope: _op_type(key) in ("FULLY_CONNECTED", "BATCH_MATMUL"),
+        "residual_projection": residual_projection,
     }
 
 
@@ -113,11 +129,14 @@ def _groups(parts: dict[str, Selector]) -> dict[str, Selector]:
         return lambda key, scope: any(parts[n](key, scope) for n in names)
 
     float_ops = pick("mask_add", "softmax", "squared_difference")
+    matmul, projection = parts["matmul"], parts["residual_projection"]
     return {
         "residual": pick("residual_add", "embedding_add", "layer_norm"),
         "ffn_out": pick("ffn_out"),
         "float": float_ops,
         "all": lambda key, scope: not float_ops(key, scope),
+        "all-but-matmuls": lambda key, scope: not float_ops(key, scope) and not matmul(key, scope),
+        "residual-projections": projection,
     }
 
 
@@ -134,6 +153,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "residual-int16": ("residual",),
     "residual+ffn-out-int16": ("residual", "ffn_out"),
     "all-int16": ("all",),
+    "matmuls-int8": ("all-but-matmuls",),
+    "matmuls-int8-but-projections": ("all-but-matmuls", "residual-projections"),
 }
 
 
@@ -163,7 +184,9 @@ def build(
                 algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
             )
         except ValueError:  # no int16 policy for this op type
-            if _op_type(key) != "SQUARED_DIFFERENCE":  # the float entry below takes that one
+            # SQUARED_DIFFERENCE: the float entry below takes it. EMBEDDING_LOOKUP keeps the
+            # int8 recipe's entry (int8 table, float rows out).
+            if _op_type(key) not in ("SQUARED_DIFFERENCE", "EMBEDDING_LOOKUP"):
                 raise
     _left_float(q, [scope for key, scope in ops if float_ops(key, scope)])
     q.quantize(quantizer._calibrate(fp32), enable_progress_report=False).export_model(str(out), overwrite=True)
@@ -218,7 +241,12 @@ def measure(path: Path, case: Any, sentences: int, runs: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI size: 8 + 8 sentences, 5 runs, no all-int16")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI size: 8 + 8 sentences, 5 runs, only the mostly int8 variants"
+    )
+    parser.add_argument(
+        "--smooth", action="store_true", help="quantize.smooth (its defaults) first; cosines still to the plain fp32"
+    )
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -232,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     print(describe())
     start = time.time()
     case = minilm_case()
+    module = case.module
+    if args.smooth:
+        from benchmarks.minilm_int8 import smooth_module
+        from edgeship.compiler.passes import get
+
+        module, history = smooth_module(case, get("quantize.smooth").settings["alpha"].default, "layernorm")
+        print(
+            f"quantize.smooth: {history[0]['layers']} Linears, fp32 output change {history[0]['fp32_output_change']:.1e}"
+        )
     calibration, sentences, runs = (8, 8, 5) if args.quick else (len(case.calibration["input_ids"]), case.samples, 50)
     variants = [v for v in VARIANTS if not (args.quick and v == "all-int16")]
     parts = _parts()
@@ -242,14 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeship-mixed-") as tmp:
         fp32 = Path(tmp) / "fp32.tflite"
         example = tuple(torch.from_numpy(case.evaluation[k][:1]) for k in case.input_names)
-        litert_torch.convert(case.module, example).export(str(fp32))
+        litert_torch.convert(module, example).export(str(fp32))
         ops = [(key, scope) for key, scope, _ in tflite_ops(fp32)]
         check_parts(ops, parts)
         base = measure(fp32, case, sentences, runs)
-        print(f"MiniLM-L6 TFLite, {calibration} calibration / {sentences} held-out sentences, {runs} timed runs")
-        print(f"{'variant':24} {'cosine worst':>12} {'mean':>8} {'int8':>5} {'int16':>5} {'float':>5} {'(de)q':>5} "
+        model = "MiniLM-L6 TFLite" + (" (smoothed)" if args.smooth else "")
+        print(f"{model}, {calibration} calibration / {sentences} held-out sentences, {runs} timed runs")
+        print(f"{'variant':30} {'cosine worst':>12} {'mean':>8} {'int8':>5} {'int16':>5} {'float':>5} {'(de)q':>5} "
               f"{'ms':>8} {'vs fp32':>8}")  # fmt: skip
-        print(f"{'fp32':24} {base['worst']:12.4f} {base['mean']:8.4f} {'':>5} {'':>5} {'':>5} {'':>5} "
+        print(f"{'fp32':30} {base['worst']:12.4f} {base['mean']:8.4f} {'':>5} {'':>5} {'':>5} {'':>5} "
               f"{base['ms']:8.1f} {1.0:7.2f}x")  # fmt: skip
         for name in variants:
             chosen = VARIANTS[name]
@@ -265,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
             row = {"variant": name, **measure(out, case, sentences, runs), "ops": op_census(out)}
             row["latency_vs_fp32"] = row["ms"] / base["ms"]
             census = row["ops"]
-            print(f"{name:24} {row['worst']:12.4f} {row['mean']:8.4f} {census.get('int8', 0):5d} {census.get('int16', 0):5d} "
+            print(f"{name:30} {row['worst']:12.4f} {row['mean']:8.4f} {census.get('int8', 0):5d} {census.get('int16', 0):5d} "
                   f"{census.get('float', 0):5d} {census.get('quantize/dequantize', 0):5d} {row['ms']:8.1f} "
                   f"{row['latency_vs_fp32']:7.2f}x")  # fmt: skip
             rows.append(row)
     print(f"({time.time() - start:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"fp32": base, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"smooth": args.smooth, "fp32": base, "rows": rows}, indent=1))
     return 0
 
 
