@@ -33,7 +33,7 @@ Reproduce::
     cd /work/main && .venv/bin/python -m benchmarks.tflite_mixed_int16 [--quick] [--json OUT]
 
 Full size: the 256 calibration and 66 held-out sentences of ``compile_quality``, 50 timed runs
-(about 7 min here). ``--quick`` (CI size): 8 calibration and 8 held-out sentences, 5 timed runs, no
+(about 4.5 min here). ``--quick`` (CI size): 8 calibration and 8 held-out sentences, 5 timed runs, no
 all-int16; its numbers mean nothing beyond "the path runs". ``--smooth``: the
 model after ``quantize.smooth`` at its defaults (cosines still to the plain fp32 model).
 """
