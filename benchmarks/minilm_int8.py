@@ -85,9 +85,10 @@ def build_rows(
     ranges: dict[str, list[float]] | None = None,
 ) -> list[cq.Row]:
     """Every artifact of one configuration (plain, smoothed or smoothed+qat), not yet measured.
-    ``ranges``: what ``quantize.qat`` trained each layer's input with, carried into ONNX int8-qdq
-    and TFLite int8-static as the emitters carry them. The layer searches aim at the case's own
-    fp32 model, not at ``module`` (QAT changed its weights)."""
+    ``ranges``: what ``quantize.qat`` trained each layer's input with, carried into ONNX int8-qdq,
+    TFLite int8-static and Core ML w8a8 as the emitters carry them. The ONNX and TFLite layer
+    searches aim at the case's own fp32 model, not at ``module`` (QAT changed its weights); the
+    Core ML one, inside ``emit_coreml``, aims at ``module``."""
     import torch
 
     from edgeship.compiler.emitters.onnx import _drop_value_info, export_fp32

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.cpu import INT8_SATURATES
+
 pytestmark = pytest.mark.slow
 
 
@@ -19,6 +21,9 @@ def test_quick_qat_ranges_benchmark_runs_every_static_int8_format(tmp_path, caps
     for row in rows:
         for label in ("recalibrated", "carried"):
             worst, mean = row[label]
-            assert 0 <= mean <= worst < 0.01, row  # int8 of the digits CNN stays close to fp32
+            # int8 of the digits CNN stays close to fp32; where ONNX Runtime's int8 kernels saturate
+            # (x86 without VNNI, tests/cpu.py) its int8-qdq worst error was 0.046 (AVX2-only EPYC).
+            bound = 0.1 if INT8_SATURATES and row["format"] == "onnx" else 0.01
+            assert 0 <= mean <= worst < bound, row
     out = capsys.readouterr().out
     assert "flags" in out and "mean over seeds" in out

