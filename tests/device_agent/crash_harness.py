@@ -193,7 +193,15 @@ class Rig:
         assert outcome["state"] == "COMMITTED", outcome
         self._count = 0
 
-    def write_config(self, device: str, *, data_dir: Path, port: int = 0, bandwidth_kib_s: float | None = None) -> Path:
+    def write_config(
+        self,
+        device: str,
+        *,
+        data_dir: Path,
+        port: int = 0,
+        bandwidth_kib_s: float | None = None,
+        health_window_s: float = 1.5,
+    ) -> Path:
         data = {
             "device_id": device,
             "fleet_id": "f1",
@@ -209,13 +217,15 @@ class Rig:
             },
             "telemetry": {"interval_s": 1.0},
             "serve": {"port": port, "threads": 1},
-            "ota": {"health_window_s": 1.5, "validation_runs": 3, "max_latency_ratio": 3.0},
+            "ota": {"health_window_s": health_window_s, "validation_runs": 3, "max_latency_ratio": 3.0},
         }
         path = self.root / f"{device}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
 
-    def device(self, prefix: str, *, bandwidth_kib_s: float | None = None) -> tuple[str, Path, str, Path]:
+    def device(
+        self, prefix: str, *, bandwidth_kib_s: float | None = None, health_window_s: float = 1.5
+    ) -> tuple[str, Path, str, Path]:
         """A new device (id, config, local URL, data dir) starting from a copy of the base data dir (v1 committed)."""
         self._count += 1
         name = f"{prefix}-{self._count}"
@@ -224,7 +234,9 @@ class Rig:
         for leftover in ("outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm", "running", "agent.lock"):
             (data / leftover).unlink(missing_ok=True)
         port = free_port()
-        config = self.write_config(name, data_dir=data, port=port, bandwidth_kib_s=bandwidth_kib_s)
+        config = self.write_config(
+            name, data_dir=data, port=port, bandwidth_kib_s=bandwidth_kib_s, health_window_s=health_window_s
+        )
         return name, config, f"http://127.0.0.1:{port}", data
 
     def close(self) -> None:
@@ -319,7 +331,9 @@ def _finish(result: CrashResult, rig: Rig, agent: AgentProcess, data: Path, dep:
 
 def transition_kill(rig: Rig, kind: str, point: str) -> CrashResult:
     """Deploy ``kind`` with the agent armed to kill itself at ``point``; restart; check the outcome."""
-    name, config, url, data = rig.device(f"t-{kind}")
+    # The slow model's latency gate judges only with 100 requests on each side (LATENCY_MIN_REQUESTS);
+    # one client on 2 loaded cores made fewer in 1.5 s once, and the gate let it commit.
+    name, config, url, data = rig.device(f"t-{kind}", health_window_s=4.0 if kind == "slow" else 1.5)
     result = CrashResult(f"{kind} {point}", kind)
     log = data.parent / f"{name}.log"
     started = time.time()
