@@ -13,7 +13,7 @@ import platform
 import sys
 from pathlib import Path
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "sha_ni")
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "sha_ni")
 THREAD_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

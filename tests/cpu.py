@@ -11,21 +11,11 @@ there (``ORT_OPTIMIZATION``: the Q/DQ arithmetic as the graph writes it) or wide
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
-
-def _flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
+from benchmarks.machine import cpu
 
 #: True on an x86 CPU whose int8 dot products saturate in ONNX Runtime (no AVX-512 VNNI or AVX-VNNI).
-INT8_SATURATES = platform.machine().lower() in ("x86_64", "amd64") and not ({"avx512_vnni", "avx_vnni"} & _flags())
+INT8_SATURATES = platform.machine().lower() in ("x86_64", "amd64") and not ({"avx512_vnni", "avx_vnni"} & set(cpu()[1]))
 
 
 def ort_session_options():  # type: ignore[no-untyped-def]
