@@ -465,6 +465,8 @@ def _with_free_ports(settings: BrokerSettings) -> BrokerSettings:
 
 _START_ATTEMPTS = 5
 _ADDRESS_IN_USE = "Address already in use"
+RELOAD_RESEND_S = 0.5
+"""How long ``Mosquitto.reload`` waits for its reload to be logged before it sends SIGHUP again."""
 
 
 def find_mosquitto() -> str:
@@ -652,18 +654,26 @@ class Mosquitto:
     def reload(self, timeout: float = 10.0) -> None:
         """SIGHUP: mosquitto re-reads its configuration, password and ACL files without dropping clients.
 
-        Returns once the broker has logged the reload (it applies it before serving anything else,
-        being single-threaded). Raises ``BrokerError`` if it is not running or does not log it in time.
+        Returns once the broker has logged a reload that began after this call (it applies it before
+        serving anything else, being single-threaded). mosquitto clears its reload flag only when a
+        reload ends, so a SIGHUP that lands while it reloads for someone else is lost; without a new
+        "Reloading config" line after ``RELOAD_RESEND_S`` the signal is sent again (a reload is
+        idempotent). Raises ``BrokerError`` if it is not running or does not log one in time.
         """
         log = self.log_file
         before = log.stat().st_size if log is not None and log.exists() else 0
         os.kill(self.pid, signal.SIGHUP)
         if log is None:
             return
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline, resend = now + timeout, now + RELOAD_RESEND_S
         while "Reloading config" not in _read_from(log, before):
-            if time.monotonic() > deadline or not self.running:
+            now = time.monotonic()
+            if now > deadline or not self.running:
                 raise BrokerError(f"mosquitto did not reload within {timeout:g} s; end of its log:\n{self._tail()}")
+            if now > resend:
+                os.kill(self.pid, signal.SIGHUP)
+                resend = now + RELOAD_RESEND_S
             time.sleep(0.02)
 
     def log_text(self) -> str:

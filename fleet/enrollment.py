@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import signal
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,20 +448,53 @@ def _remove_broker_account(accounts: Path, device_id: str) -> None:
         write_private(accounts, ("\n".join(kept) + "\n").encode())
 
 
+RELOAD_FOLLOW_UP_S = 1.0
+"""Enrollment signals the broker again this long after the last account it wrote (see ``_reload_broker``)."""
+
+_follow_ups: dict[Path, threading.Timer] = {}
+_follow_ups_lock = threading.Lock()
+
+
 def _reload_broker(pid_file: Path | None) -> None:
     """SIGHUP the broker so it re-reads the accounts file (no restart, no dropped connections).
 
-    Without a pid file configured, or when the broker is not running, the account takes effect
-    at the broker's next (re)start; a device retries its connection until then.
+    mosquitto clears its reload flag when a reload ends, so a SIGHUP that lands while it is still
+    reloading for an earlier enrollment is lost, and that reload may have read the file before
+    this account was in it. So the broker is signalled again ``RELOAD_FOLLOW_UP_S`` after the last
+    account written (one timer per pid file, pushed back by each enrollment): a reload in progress
+    then began after the write and reads it. The timer is not a daemon, so a CLI import waits for
+    it before exiting. Without a pid file configured, or when the broker is not running, the
+    account takes effect at the broker's next (re)start; a device retries its connection until then.
     """
     if pid_file is None:
         log.warning("broker.pid_file is not set: reload mosquitto yourself so that new device accounts work")
         return
+    if not _signal_broker(pid_file):
+        return
+    with _follow_ups_lock:
+        pending = _follow_ups.get(pid_file)
+        if pending is not None:
+            pending.cancel()
+        timer = threading.Timer(RELOAD_FOLLOW_UP_S, _follow_up, (pid_file,))
+        timer.name = f"edgeship-broker-reload {pid_file}"
+        _follow_ups[pid_file] = timer
+        timer.start()
+
+
+def _follow_up(pid_file: Path) -> None:
+    with _follow_ups_lock:
+        if _follow_ups.get(pid_file) is threading.current_thread():
+            del _follow_ups[pid_file]
+    _signal_broker(pid_file)
+
+
+def _signal_broker(pid_file: Path) -> bool:
+    """SIGHUP the mosquitto named in ``pid_file``; False (with a warning) if it cannot be signalled."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError) as exc:
         log.warning("cannot read the broker's pid from %s (%s): new device accounts wait for a reload", pid_file, exc)
-        return
+        return False
     # A stale pid file may name a process that is not mosquitto any more: SIGHUP would end it.
     comm = Path(f"/proc/{pid}/comm")
     if comm.parent.exists():
@@ -470,11 +504,13 @@ def _reload_broker(pid_file: Path | None) -> None:
             name = ""
         if "mosquitto" not in name:
             log.warning("pid %d in %s is not mosquitto (%r): not signalled", pid, pid_file, name)
-            return
+            return False
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
         log.warning("cannot signal the broker (pid %d): %s; new device accounts wait for a reload", pid, exc)
+        return False
+    return True
 
 
 __all__ = [

@@ -7,7 +7,9 @@ device's topics. Everything here runs a real broker on free ports with the gener
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -379,6 +381,29 @@ def test_without_autosave_kill_9_loses_the_queued_command(tmp_path: Path) -> Non
 
 
 # --- process control -----------------------------------------------------------------------
+
+
+def test_reload_asked_while_the_broker_reloads_for_someone_else_is_not_lost(tmp_path: Path) -> None:
+    """mosquitto clears its reload flag when a reload ends: a SIGHUP that lands mid-reload is lost.
+
+    20,000 accounts make a reload last tens of ms here; reload() is asked right after another
+    SIGHUP's reload began (the fleet's enrollment does that), and must still see its own reload.
+    """
+    files = write_broker_config(tmp_path / "broker", F1, {}, "fleet-pw")
+    stored = hash_password("pw")
+    with files.password_file.open("a") as accounts:
+        accounts.write("".join(f"dev-{i}:{stored}\n" for i in range(20_000)))
+    with Mosquitto.start(files.directory, files) as broker:
+        assert broker.log_file is not None
+        before = broker.log_file.stat().st_size
+        os.kill(broker.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "Reloading config" not in broker.log_file.read_text()[before:]:
+            assert time.monotonic() < deadline, "mosquitto did not reload on SIGHUP"
+            time.sleep(0.001)
+        reloads = broker.log_text().count("Reloading config")
+        broker.reload()
+        assert broker.log_text().count("Reloading config") > reloads
 
 
 def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ and change nothing."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from edgeship.errors import AuthError, ConfigError, ConflictError, UsageError
+from edgeship.fleet import enrollment
 from edgeship.fleet.broker import password_file_users
 from edgeship.fleet.enrollment import create_enrollment_token, enroll, list_enrollment_tokens
 from edgeship.fleet.models import Audit, Device, EnrollmentToken
@@ -81,6 +83,43 @@ def test_enrolled_device_connects_to_the_running_broker(enrolling: FleetUnderTes
         entry = session.scalars(select(Audit).where(Audit.action == "device.enroll")).one()
         assert entry.subject == "device:cam-7" and entry.actor == f"enrollment:{used.id}"
     assert list_enrollment_tokens(ctx) == []
+
+
+def test_enrollment_signals_the_broker_again_after_its_last_account(
+    enrolling: FleetUnderTest, secure_broker: SecureBroker, monkeypatch: pytest.MonkeyPatch
+):
+    """mosquitto loses a SIGHUP that lands mid-reload (tests/fleet/test_broker.py shows it), and that
+    reload may have read the accounts file before the newest line: enrollment signals once more,
+    RELOAD_FOLLOW_UP_S after the last account it wrote, and only once for a burst of enrollments."""
+    ctx = enrolling.ctx
+    signals: list[tuple[float, str]] = []
+    real = enrollment._signal_broker
+
+    ours = ctx.settings.broker.pid_file
+    assert ours is not None
+
+    def recorded(pid_file: Path) -> bool:
+        if pid_file == ours:
+            kind = "follow-up" if threading.current_thread().name.startswith("edgeship-broker-reload") else "enroll"
+            signals.append((time.monotonic(), kind))
+        return real(pid_file)
+
+    monkeypatch.setattr(enrollment, "_signal_broker", recorded)
+    tokens = [create_enrollment_token(ctx, actor="token:root", target="linux-x86_64")[1] for _ in range(3)]
+    bundles = [enroll(ctx, token, f"cam-{i}", "linux-x86_64", {}) for i, token in enumerate(tokens)]
+    last_enrolled = time.monotonic()
+    pending = enrollment._follow_ups[ours]
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.name == pending.name]
+    assert [t for t in timers if not t.finished.is_set()] == [pending], "a burst of enrollments leaves one follow-up"
+    pending.join(timeout=10)
+    assert [kind for _, kind in signals] == ["enroll"] * 3 + ["follow-up"]
+    assert signals[-1][0] - last_enrolled >= enrollment.RELOAD_FOLLOW_UP_S * 0.9
+    reloaded = time.monotonic() + 10
+    for bundle in bundles:
+        with secure_broker.probe(bundle.device_id, password=bundle.broker["password"]) as probe:
+            while probe.connect().is_failure:
+                assert time.monotonic() < reloaded, f"{bundle.device_id} cannot log in after the reloads"
+                time.sleep(0.05)
 
 
 def test_a_token_works_once(enrolling: FleetUnderTest):
