@@ -34,7 +34,7 @@ typecheck: install
 	$(VENV)/bin/mypy -p edgeship
 
 unit: install mosquitto
-	$(TEST_ENV) $(VENV)/bin/pytest -n 2
+	$(TEST_ENV) $(VENV)/bin/pytest -n 2 -m "not py310_only"
 
 test310: install310
 	$(TEST_ENV) $(VENV310)/bin/pytest -m py310 -p no:cacheprovider -q -n 2
