@@ -23,7 +23,7 @@ from sqlalchemy import func, select, text
 
 from edgeship.device_agent import protocol
 from edgeship.errors import ConflictError, UsageError
-from edgeship.fleet import rollouts
+from edgeship.fleet import enrollment, rollouts
 from edgeship.fleet.broker import Mosquitto, password_file_users, write_broker_config
 from edgeship.fleet.enrollment import DeviceImport, enroll_many, read_device_csv
 from edgeship.fleet.models import Audit, Device, Event, RolloutDevice, Telemetry
@@ -277,10 +277,15 @@ def test_bulk_enrollment_gives_each_device_its_own_account_and_one_reload(
             assert [b.device_id for b in bundles] == ["cam-1", "cam-2"]
             assert bundles[0].tags == {"site": "a", "hw": "r2"}
             assert password_file_users(files.password_file) == ["fleet-f1", "cam-1", "cam-2"]
+            # One reload for the whole import, not one per device, plus enrollment's follow-up.
+            follow_up = enrollment._follow_ups.get(pid_file)
+            assert follow_up is not None
+            follow_up.join(timeout=10)
             deadline = time.monotonic() + 10
-            while broker.log_text().count("Reloading config") < reloads + 1:
+            while broker.log_text().count("Reloading config") < reloads + 2:
                 assert time.monotonic() < deadline, "the broker was not reloaded"
                 time.sleep(0.05)
+            assert broker.log_text().count("Reloading config") == reloads + 2
             # Each device logs in with its own password and reaches only its own topics.
             assert broker.port is not None
             pw = {b.device_id: b.broker["password"] for b in bundles}
